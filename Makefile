@@ -1,0 +1,29 @@
+# Two entry points for a new user:
+#   make run    installs into .venv and runs the main job on its offline default
+#   make test   installs into .venv (with the test extras) and runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# constraints.txt pins the versions tested together (torch 2.13.0 CPU build among them)
+PIP    := $(PY) -m pip install -q -c constraints.txt
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: run test bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) -e ".[test]"
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) scripts/logreg.py --out results/logreg
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/optim_step.py --json results/optim_step.json
+
+clean:
+	rm -rf $(VENV) results

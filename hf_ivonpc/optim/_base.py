@@ -1,0 +1,466 @@
+"""Machinery shared by the fast optimizers.
+
+Every optimizer here keeps its state in *flat* buffers, one per parameter group and per
+quantity, in fp32 (fp64 when the parameters are fp64), and exposes per-parameter views of
+them in ``self.state[p]`` so that ``state_dict`` has the usual torch.optim layout.
+Whole-buffer arithmetic runs over the flat buffers in cache-sized chunks (no model-sized
+temporaries); only the few operations that touch parameters or gradients run as
+``torch._foreach_*`` over the per-parameter views.
+
+The protocol of posterior correction, shared by IVON-PCM and the SVRG family::
+
+    if opt.needs_refresh:                      # every `refresh_every` steps from `start_step`
+        with opt.refreshing():                 # outer statistics from a mega-batch
+            for mb in megabatch:               # each micro-batch gets its own draw
+                with opt.sampled_params(train=True, at="mega"):
+                    loss(mb).backward()
+    with opt.sampled_params(train=True):       # theta_in ~ q_in
+        loss(batch).backward()
+    if opt.correction_active:
+        with opt.sampled_params(train=True, at="out"):   # theta_out ~ q_out
+            loss(batch).backward()
+    opt.step()
+
+Leaving a ``sampled_params(train=True)`` block *consumes* the gradients: they are added to the
+optimizer's accumulators and ``p.grad`` is set to ``None``, so the next pass starts clean.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterable
+
+import torch
+
+SAMPLE_ROLES = ("in", "out", "mega")
+
+
+def check_arg(name: str, value: Any, ok: bool, accepted: str) -> None:
+    """Raise a ValueError naming the argument and its accepted range."""
+    if not ok:
+        raise ValueError(f"{name}={value!r} is invalid: accepted range is {accepted}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_positive(name: str, value: Any) -> None:
+    check_arg(name, value, _is_number(value) and value > 0, "a finite number > 0")
+
+
+def check_nonneg(name: str, value: Any) -> None:
+    check_arg(name, value, _is_number(value) and value >= 0, "a finite number >= 0")
+
+
+def check_beta(name: str, value: Any) -> None:
+    check_arg(name, value, _is_number(value) and 0 <= value < 1, "[0, 1)")
+
+
+def check_unit(name: str, value: Any) -> None:
+    check_arg(name, value, _is_number(value) and 0 <= value <= 1, "[0, 1]")
+
+
+def check_int_min(name: str, value: Any, low: int) -> None:
+    check_arg(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= low,
+              f"an integer >= {low}")
+
+
+def check_radius(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value == value
+    check_arg(name, value, ok, "a number > 0 (inf disables clipping)")
+
+
+def _default_chunk(device: torch.device) -> int:
+    # On CPU, chunks of 64k elements keep every intermediate of a fused update in cache;
+    # on accelerators one chunk is the whole buffer (kernel launches are what costs there).
+    return 1 << 16 if device.type == "cpu" else 1 << 62
+
+
+class FlatStateOptimizer(torch.optim.Optimizer):
+    """Base class: flat per-group state, a seedable generator, sampling and correction protocol.
+
+    Subclasses set ``persistent_buffers`` (saved in ``state_dict``) and ``transient_buffers``
+    (scratch and per-step accumulators), and implement ``_draw``, ``_collect`` and ``_update``.
+    """
+
+    persistent_buffers: tuple[str, ...] = ()
+    transient_buffers: tuple[str, ...] = ()
+    #: whether the method has an outer loop (posterior correction / SVRG)
+    corrects: bool = False
+
+    def __init__(self, params: Iterable, defaults: dict, *, seed: int | None = None,
+                 generator: torch.Generator | None = None, chunk_size: int | None = None,
+                 refresh_every: int = 10, start_step: int = 0, shared_noise: bool = True):
+        check_int_min("refresh_every", refresh_every, 1)
+        check_int_min("start_step", start_step, 0)
+        if seed is not None:
+            check_int_min("seed", seed, 0)
+        if chunk_size is not None:
+            check_int_min("chunk_size", chunk_size, 1)
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError("params is empty: the optimizer got no parameters")
+        super().__init__(params, defaults)
+        all_params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in all_params}
+        dtypes = {p.dtype for p in all_params}
+        if len(devices) > 1:
+            raise ValueError(f"params are on mixed devices {sorted(map(str, devices))}: "
+                             "accepted is one device for all parameters")
+        if len(dtypes) > 1:
+            raise ValueError(f"params have mixed dtypes {sorted(map(str, dtypes))}: "
+                             "accepted is one floating dtype for all parameters")
+        if len(set(map(id, all_params))) != len(all_params):
+            raise ValueError("params contains the same tensor twice: accepted is each parameter once")
+        pdtype = next(iter(dtypes))
+        if not pdtype.is_floating_point:
+            raise ValueError(f"params have dtype {pdtype}: accepted are floating dtypes")
+        self._device = next(iter(devices))
+        self._param_dtype = pdtype
+        # state is fp32 (fp64 when parameters are fp64), whatever the parameters' dtype
+        self._dtype = torch.float64 if pdtype == torch.float64 else torch.float32
+        self._chunk = chunk_size or _default_chunk(self._device)
+        self.refresh_every = refresh_every
+        self.start_step = start_step
+        self.shared_noise = shared_noise
+        if generator is None:
+            generator = torch.Generator(device=self._device)
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator.manual_seed(seed + _rank())
+        self.generator = generator
+        self._pc = {"step": 0, "refreshes": 0, "last_refresh": -1}
+        self._sampling: str | None = None
+        self._refreshing = False
+        self._last_draw: str | None = None
+        self._flat: list[dict[str, torch.Tensor]] = []
+        self._views: list[dict[str, list[torch.Tensor]]] = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group, gi)
+        for group in self.param_groups:
+            self._init_group(group)
+        self._reset_accumulators()
+        self._record_param_versions()
+
+    # ------------------------------------------------------------------ buffers
+    def _init_group(self, group: dict) -> None:
+        numel = sum(p.numel() for p in group["params"])
+        flat = {name: torch.zeros(numel, device=self._device, dtype=self._dtype)
+                for name in self.persistent_buffers + self.transient_buffers}
+        views: dict[str, list[torch.Tensor]] = {name: [] for name in flat}
+        offset = 0
+        for p in group["params"]:
+            n = p.numel()
+            for name, buf in flat.items():
+                views[name].append(buf[offset:offset + n].view_as(p))
+            offset += n
+        for i, p in enumerate(group["params"]):
+            self.state[p] = {name: views[name][i] for name in self.persistent_buffers}
+        self._flat.append(flat)
+        self._views.append(views)
+        with torch.no_grad():
+            torch._foreach_copy_(views["mean"], group["params"])
+        self._init_state(group, flat)
+
+    def _init_state(self, group: dict, flat: dict[str, torch.Tensor]) -> None:
+        """Set the initial values of a group's persistent buffers (zeros by default)."""
+
+    def add_param_group(self, param_group: dict) -> None:
+        if hasattr(self, "_flat"):
+            raise ValueError("add_param_group after construction is not supported: "
+                             "create the optimizer with all parameter groups")
+        super().add_param_group(param_group)
+
+    def _chunks(self, n: int):
+        c = self._chunk
+        for lo in range(0, n, c):
+            yield slice(lo, min(lo + c, n))
+
+    # ------------------------------------------------- parameters <-> mean buffer
+    def _record_param_versions(self) -> None:
+        self._versions = [(p._version, p.data_ptr()) for g in self.param_groups for p in g["params"]]
+
+    def _sync_mean(self) -> None:
+        """Take the mean from the parameters if someone changed them outside the optimizer."""
+        now = [(p._version, p.data_ptr()) for g in self.param_groups for p in g["params"]]
+        if now != self._versions:
+            with torch.no_grad():
+                for gi, group in enumerate(self.param_groups):
+                    torch._foreach_copy_(self._views[gi]["mean"], group["params"])
+            self._record_param_versions()
+
+    @torch.no_grad()
+    def _write_params(self, name: str = "mean") -> None:
+        for gi, group in enumerate(self.param_groups):
+            torch._foreach_copy_(group["params"], self._views[gi][name])
+        self._record_param_versions()
+
+    # ------------------------------------------------------------ the protocol
+    @property
+    def global_step(self) -> int:
+        """Number of optimizer steps taken."""
+        return self._pc["step"]
+
+    @property
+    def correction_enabled(self) -> bool:
+        return self.corrects and any(g.get("alpha", 0.0) > 0 for g in self.param_groups)
+
+    @property
+    def needs_refresh(self) -> bool:
+        """True when the outer statistics must be refreshed before the next inner step."""
+        s = self._pc["step"]
+        return (self.correction_enabled and s >= self.start_step
+                and (s - self.start_step) % self.refresh_every == 0
+                and self._pc["last_refresh"] != s)
+
+    @property
+    def correction_active(self) -> bool:
+        """True when the next step needs the mini-batch evaluated at theta_out too."""
+        return self.correction_enabled and self._pc["refreshes"] > 0 and self._pc["step"] >= self.start_step
+
+    def _reset_accumulators(self) -> None:
+        self._count = {r: 0 for r in SAMPLE_ROLES}
+        self._seen = [[False] * len(g["params"]) for g in self.param_groups]
+        self._written = [set() for _ in self.param_groups]
+
+    @contextmanager
+    def sampled_params(self, train: bool = False, at: str = "in"):
+        """Replace the parameters by a draw from the posterior for the duration of the block.
+
+        ``at="in"`` draws theta_in ~ q_in (the current posterior); ``at="out"`` draws theta_out ~ q_out
+        (the snapshot of the last refresh; with ``shared_noise`` it reuses the noise of the last
+        ``"in"`` draw); ``at="mega"`` draws a fresh theta ~ q_in for a micro-batch of the mega-batch
+        (only inside ``refreshing()``). With ``train=True`` the gradients left in ``p.grad`` are
+        collected on exit and consumed. The parameters are restored on exit, also on an exception
+        (then nothing is collected).
+        """
+        check_arg("at", at, at in SAMPLE_ROLES, f"one of {SAMPLE_ROLES}")
+        if self._sampling is not None:
+            raise RuntimeError("sampled_params blocks cannot be nested")
+        if at == "mega" and not self._refreshing:
+            raise RuntimeError('sampled_params(at="mega") is only valid inside refreshing()')
+        if at != "mega" and self._refreshing:
+            raise RuntimeError(f'sampled_params(at="{at}") inside refreshing(): use at="mega"')
+        if at == "out" and not self.correction_active:
+            raise RuntimeError('sampled_params(at="out") before any refresh: '
+                               "check `correction_active` first")
+        if at == "out" and self.shared_noise and self._last_draw != "in":
+            raise RuntimeError('with shared_noise, sampled_params(at="out") must follow the '
+                               'at="in" pass of the same mini-batch')
+        self._sync_mean()
+        with torch.no_grad():
+            self._draw(at)
+            self._record_param_versions()
+        self._last_draw = at
+        self._sampling = at
+        try:
+            yield
+        except BaseException:
+            self._sampling = None
+            self._write_params()
+            raise
+        self._sampling = None
+        if train:
+            with torch.no_grad():
+                self._collect_role(at)
+        self._write_params()
+
+    def _collect_role(self, at: str) -> None:
+        for gi, group in enumerate(self.param_groups):
+            idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+            if not idx:
+                continue
+            grads = [group["params"][i].grad for i in idx]
+            if any(g.is_sparse for g in grads):
+                raise ValueError("sparse gradients are not supported")
+            if grads[0].dtype != self._dtype:
+                grads = [g.to(self._dtype) for g in grads]
+            self._collect(gi, group, at, grads, idx)
+            if at == "in":
+                for i in idx:
+                    self._seen[gi][i] = True
+            for i in idx:
+                group["params"][i].grad = None
+        self._count[at] += 1
+
+    def _views_of(self, gi: int, name: str, idx: list[int]) -> list[torch.Tensor]:
+        v = self._views[gi][name]
+        return v if len(idx) == len(v) else [v[i] for i in idx]
+
+    def _acc(self, gi: int, name: str, idx: list[int], src: list[torch.Tensor],
+             other: list[torch.Tensor] | None = None, alpha: float = 1.0) -> None:
+        """Accumulator ``name`` (+)= alpha * src (* other): the first write of a step overwrites."""
+        dst = self._views_of(gi, name, idx)
+        if name not in self._written[gi]:
+            self._written[gi].add(name)
+            if len(idx) == len(self._views[gi][name]) and other is None and alpha == 1.0:
+                torch._foreach_copy_(dst, src)
+                return
+            self._flat[gi][name].zero_()
+        if other is None:
+            torch._foreach_add_(dst, src, alpha=alpha)
+        else:
+            torch._foreach_addcmul_(dst, src, other, value=alpha)
+
+    @contextmanager
+    def refreshing(self):
+        """Accumulate outer statistics from the micro-batches evaluated inside the block."""
+        if not self.corrects:
+            raise RuntimeError(f"{type(self).__name__} has no outer loop")
+        if self._sampling is not None or self._refreshing:
+            raise RuntimeError("refreshing() cannot be nested or used inside sampled_params")
+        if self._count["in"] or self._count["out"]:
+            raise RuntimeError("refreshing() between the passes of an inner step: "
+                               "call step() first")
+        self._refreshing = True
+        try:
+            yield
+        except BaseException:
+            self._refreshing = False
+            self._reset_accumulators()
+            raise
+        self._refreshing = False
+        if self._count["mega"] == 0:
+            self._reset_accumulators()
+            raise ValueError("refreshing() block collected no gradients: evaluate at least one "
+                             'micro-batch with sampled_params(train=True, at="mega")')
+        with torch.no_grad():
+            for gi, group in enumerate(self.param_groups):
+                self._finish_refresh(gi, group, self._flat[gi], first=self._pc["refreshes"] == 0)
+        self._pc["refreshes"] += 1
+        self._pc["last_refresh"] = self._pc["step"]
+        self._reset_accumulators()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Take one step with the gradients collected since the last step.
+
+        With a ``closure``, it is called (with grad enabled) before the update; as in ivon-opt, the
+        closure does its own sampling (``with opt.sampled_params(train=True): ...``)."""
+        loss = None
+        if closure is not None:
+            n = self.defaults.get("mc_samples", 1)
+            losses = []
+            for _ in range(n):
+                with torch.enable_grad():
+                    losses.append(closure())
+            loss = sum(losses) / n
+        k = self._count["in"]
+        if k == 0:
+            raise ValueError("step() with no collected gradients: evaluate the loss inside "
+                             "`with optimizer.sampled_params(train=True):` and call backward() first")
+        if self.correction_active and self._count["out"] != k:
+            raise ValueError(f"correction is active but {k} mini-batch(es) were evaluated at theta_in "
+                             f"and {self._count['out']} at theta_out: evaluate each at both")
+        self._sync_mean()
+        self._before_update()
+        self._pc["step"] += 1
+        use_correction = self.correction_active
+        for gi, group in enumerate(self.param_groups):
+            group["step"] = group.get("step", 0) + 1
+            seen = self._seen[gi]
+            if all(seen):
+                ranges = [slice(0, self._flat[gi]["mean"].numel())]
+            else:  # parameters without gradients keep mean and state unchanged
+                ranges, off = [], 0
+                for p, s in zip(group["params"], seen):
+                    if s:
+                        ranges.append(slice(off, off + p.numel()))
+                    off += p.numel()
+            for r in ranges:
+                for c in self._chunks(r.stop - r.start):
+                    sl = slice(r.start + c.start, r.start + c.stop)
+                    self._update({k_: v[sl] for k_, v in self._flat[gi].items()}, group, k, use_correction)
+        self._write_params()
+        self._reset_accumulators()
+        self._last_draw = None
+        return loss
+
+    # ------------------------------------------------------------ state dict
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["hf_ivonpc"] = {
+            "pc": dict(self._pc),
+            "generator": self.generator.get_state(),
+            "class": type(self).__name__,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict``, checking every size before changing anything."""
+        groups = state_dict.get("param_groups")
+        if groups is None or "state" not in state_dict:
+            raise ValueError("state_dict is missing 'state' or 'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        extra = state_dict.get("hf_ivonpc")
+        if extra is None:
+            raise ValueError("state_dict was not saved by an hf_ivonpc optimizer (no 'hf_ivonpc' entry)")
+        if extra.get("class") != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {extra.get('class')}, not {type(self).__name__}")
+        saved_state = state_dict["state"]
+        plan = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"parameter group {gi} has {len(group['params'])} parameters, "
+                                 f"the state_dict {len(saved['params'])}")
+            for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
+                st = saved_state.get(key)
+                if st is None:
+                    raise ValueError(f"state_dict has no state for parameter {key}")
+                for name in self.persistent_buffers:
+                    t = st.get(name)
+                    if not isinstance(t, torch.Tensor) or t.shape != p.shape:
+                        raise ValueError(f"state '{name}' of parameter {key} has shape "
+                                         f"{getattr(t, 'shape', None)}, expected {tuple(p.shape)}")
+                    plan.append((gi, i, name, t))
+        with torch.no_grad():
+            for gi, i, name, t in plan:
+                self._views[gi][name][i].copy_(t)
+            for group, saved in zip(self.param_groups, groups):
+                for k, v in saved.items():
+                    if k != "params":
+                        group[k] = v
+            self._pc = dict(extra["pc"])
+            self.generator.set_state(extra["generator"].to("cpu") if self._device.type == "cpu"
+                                     else extra["generator"].cpu())
+            # the parameters are the source of truth for the mean, unless they hold a rounded
+            # copy of the fp32 master kept here (low-precision parameters)
+            for gi, group in enumerate(self.param_groups):
+                for p, m in zip(group["params"], self._views[gi]["mean"]):
+                    if p.dtype == self._dtype or not torch.equal(m.to(p.dtype), p.detach()):
+                        m.copy_(p.detach())
+            self._after_load()
+        self._reset_accumulators()
+        self._record_param_versions()
+
+    def _after_load(self) -> None:
+        """Recompute derived buffers after loading."""
+
+    def _check_group(self, group: dict, gi: int) -> None:
+        """Validate a parameter group's hyperparameters (before any state exists)."""
+
+    def _before_update(self) -> None:
+        """Hook run by step() after the checks, before the update (e.g. to all-reduce statistics)."""
+
+    # ------------------------------------------------------------ subclass API
+    def _draw(self, at: str) -> None:
+        raise NotImplementedError
+
+    def _collect(self, gi: int, group: dict, at: str, grads: list[torch.Tensor], idx: list[int]) -> None:
+        raise NotImplementedError
+
+    def _finish_refresh(self, gi, group, flat, first) -> None:
+        raise NotImplementedError
+
+    def _update(self, s: dict[str, torch.Tensor], group: dict, k: int, use_correction: bool) -> None:
+        raise NotImplementedError
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
