@@ -5,5 +5,13 @@ Readable line-by-line twins live in :mod:`hf_ivonpc.optim.reference`.
 
 from .ivon import IVON
 from .ivon_pc import IVONPC
+from .svrg import SVRG, VSGDPC, AlphaSVRG
 
-__all__ = ["IVON", "IVONPC"]
+__all__ = ["IVON", "IVONPC", "SVRG", "AlphaSVRG", "VSGDPC", "VONPC"]
+
+
+def __getattr__(name):  # VONPC lives in its own module (full covariance, small models)
+    if name == "VONPC":
+        from .von_pc import VONPC
+        return VONPC
+    raise AttributeError(name)
