@@ -1,0 +1,56 @@
+"""Small problems shared by the optimizer tests."""
+
+import torch
+
+
+def make_params(dtype=torch.float64, seed=0):
+    """Mixed shapes, including a scalar and a 3-D tensor."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(6, 5), (5,), (5, 3), (3,), (2, 3, 1), ()]
+    return [torch.nn.Parameter(0.3 * torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+
+
+def make_data(n=64, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=dtype)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return x, y
+
+
+def loss_fn(params, x, y):
+    w1, b1, w2, b2, w3, s = params
+    h = torch.tanh(x @ w1 + b1)
+    logits = h @ w2 + b2 + (w3.sum() * s)
+    return torch.nn.functional.cross_entropy(logits, y)
+
+
+def groups_of(params):
+    """Two parameter groups with different hyperparameters."""
+    return [{"params": params[:3]}, {"params": params[3:], "lr": 0.05, "weight_decay": 0.0}]
+
+
+def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1):
+    """The correction protocol on a fixed data order: `micro` micro-batches per step,
+    a mega-batch of mega[0] examples in mega[1] micro-batches when a refresh is due."""
+    n = x.shape[0]
+    order = torch.Generator().manual_seed(7)
+    losses = []
+    for t in range(steps):
+        if opt.needs_refresh:
+            idx = torch.randperm(n, generator=order)[: mega[0]]
+            with opt.refreshing():
+                for part in idx.chunk(mega[1]):
+                    with opt.sampled_params(train=True, at="mega"):
+                        loss_fn(params, x[part], y[part]).backward()
+        idx = torch.randint(0, n, (batch * micro,), generator=order)
+        active = opt.correction_active
+        for part in idx.chunk(micro):
+            with opt.sampled_params(train=True):
+                loss = loss_fn(params, x[part], y[part])
+                loss.backward()
+            if active:
+                with opt.sampled_params(train=True, at="out"):
+                    loss_fn(params, x[part], y[part]).backward()
+            losses.append(loss.item())
+        opt.step()
+    return losses

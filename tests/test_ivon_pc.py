@@ -1,0 +1,184 @@
+"""IVON-PCM (Alg. 4): fast implementation against the line-by-line reference, and identities."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from hf_ivonpc.optim import IVON, IVONPC
+from hf_ivonpc.optim import reference as ref
+
+from _problems import drive, groups_of, loss_fn, make_data, make_params
+
+HP = dict(lr=0.1, ess=500.0, hess_init=0.2, beta1=0.9, beta2=0.99, weight_decay=1e-3,
+          clip_radius=0.05, rescale_lr=False)
+PC = dict(alpha=0.7, rho1=0.6, rho2=0.1, mean_term_weight=1.0, refresh_every=4, start_step=3)
+
+
+def _pair(shared_noise=True, groups=True, **over):
+    kw = {**HP, **PC, "shared_noise": shared_noise, **over}
+    pf, pr = make_params(), make_params()
+    fast = IVONPC(groups_of(pf) if groups else pf, generator=torch.Generator().manual_seed(3), **kw)
+    slow = ref.IVONPC(groups_of(pr) if groups else pr, generator=torch.Generator().manual_seed(3), **kw)
+    return fast, pf, slow, pr
+
+
+def _close(a, b, rtol=1e-10):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        assert torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-2), (x - y).abs().max()
+
+
+@pytest.mark.parametrize("shared_noise", [True, False])
+@pytest.mark.parametrize("micro", [1, 3])
+def test_fast_equals_reference(shared_noise, micro):
+    x, y = make_data()
+    fast, pf, slow, pr = _pair(shared_noise)
+    lf = drive(fast, pf, 24, x, y, micro=micro)
+    lr_ = drive(slow, pr, 24, x, y, micro=micro)
+    assert fast._pc["refreshes"] == slow.refreshes == 6  # steps 3, 7, ..., 23
+    _close(pf, pr)
+    _close(lf, lr_)
+    hs = [h for gi in range(2) for h in fast._views[gi]["hess"]]
+    _close(hs, [slow.state[p]["h"] for p in pr])
+    h_out = [h for gi in range(2) for h in fast._views[gi]["h_out"]]
+    _close(h_out, [slow.state[p]["h_out"] for p in pr])
+    # clipping was exercised, so it is part of what is compared
+    assert any((slow.state[p]["m"] != 0).any() for p in pr)
+
+
+def test_alpha_zero_is_ivon_bit_for_bit():
+    x, y = make_data()
+    pa, pb = make_params(), make_params()
+    a = IVONPC(groups_of(pa), **{**HP, **PC, "alpha": 0.0}, seed=11)
+    b = IVON(groups_of(pb), **HP, seed=11)
+    assert not a.needs_refresh and not a.correction_active
+    drive(a, pa, 20, x, y, micro=2)
+    drive(b, pb, 20, x, y, micro=2)
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+    for gi in range(2):
+        for name in IVON.persistent_buffers:
+            assert torch.equal(a._flat[gi][name], b._flat[gi][name]), name
+
+
+def test_before_start_step_it_is_ivon_and_costs_one_pass():
+    x, y = make_data()
+    pa, pb = make_params(), make_params()
+    a = IVONPC(pa, **{**HP, **PC, "start_step": 5}, seed=2)
+    b = IVON(pb, **HP, seed=2)
+    calls = {"a": 0}
+    for t in range(5):
+        assert not a.needs_refresh and not a.correction_active
+        for opt, params, key in ((a, pa, "a"), (b, pb, "b")):
+            with opt.sampled_params(train=True):
+                loss_fn(params, x[:8], y[:8]).backward()
+            calls[key] = calls.get(key, 0) + 1
+            opt.step()
+    assert calls["a"] == calls["b"] == 5   # one forward/backward per step, no mega-batch
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+    assert a.needs_refresh  # step 5 starts the correction
+
+
+def test_state_dict_mid_inner_loop_continues_exactly():
+    x, y = make_data()
+    fa, pa, _, _ = _pair()
+    drive(fa, pa, 9, x, y)  # refreshes at 3 and 7: stopped between two refreshes
+    buf = io.BytesIO()
+    torch.save(fa.state_dict(), buf)
+    snapshot = [p.detach().clone() for p in pa]
+    tail_a = drive(fa, pa, 10, x, y)
+
+    pb = [torch.nn.Parameter(s.clone()) for s in snapshot]
+    fb = IVONPC(groups_of(pb), **{**HP, **PC}, seed=999)
+    buf.seek(0)
+    fb.load_state_dict(torch.load(buf, weights_only=True))
+    tail_b = drive(fb, pb, 10, x, y)
+    assert tail_a == tail_b
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+    for gi in range(2):
+        for name in IVONPC.persistent_buffers:
+            assert torch.equal(fa._flat[gi][name], fb._flat[gi][name]), name
+
+
+def test_first_refresh_taken_as_is_then_blended():
+    x, y = make_data()
+    p = make_params()
+    opt = IVONPC(p, **{**HP, "alpha": 1.0, "rho1": 0.5, "rho2": 0.5, "start_step": 0}, seed=0)
+    with opt.refreshing():
+        with opt.sampled_params(train=True, at="mega"):
+            loss_fn(p, x, y).backward()
+    g1 = opt._flat[0]["g_out"].clone()
+    assert g1.abs().sum() > 0
+    # the first refresh is the mega-batch gradient itself (at the same draw), not (1 - rho1) times it
+    opt2 = IVONPC(make_params(), **{**HP, "alpha": 1.0, "rho1": 0.0, "start_step": 0}, seed=0)
+    p2 = opt2.param_groups[0]["params"]
+    with opt2.refreshing():
+        with opt2.sampled_params(train=True, at="mega"):
+            loss_fn(p2, x, y).backward()
+    assert torch.equal(opt2._flat[0]["g_out"], g1)
+
+
+def test_exception_inside_sampling_restores_and_collects_nothing():
+    x, y = make_data()
+    p = make_params()
+    opt = IVONPC(p, **HP, seed=0)
+    before = [q.detach().clone() for q in p]
+    with pytest.raises(RuntimeError, match="boom"):
+        with opt.sampled_params(train=True):
+            loss_fn(p, x, y).backward()
+            raise RuntimeError("boom")
+    for a, b in zip(p, before):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="no collected gradients"):
+        opt.step()
+    for a, b in zip(p, before):
+        assert torch.equal(a, b)
+
+
+def test_protocol_misuse_is_reported():
+    x, y = make_data()
+    p = make_params()
+    opt = IVONPC(p, **{**HP, **PC, "start_step": 0})
+    with pytest.raises(RuntimeError, match="before any refresh"):
+        with opt.sampled_params(train=True, at="out"):
+            pass
+    with pytest.raises(RuntimeError, match="only valid inside refreshing"):
+        with opt.sampled_params(at="mega"):
+            pass
+    with pytest.raises(ValueError, match="collected no gradients"):
+        with opt.refreshing():
+            pass
+    with opt.refreshing():
+        with opt.sampled_params(train=True, at="mega"):
+            loss_fn(p, x, y).backward()
+    with opt.sampled_params(train=True):
+        loss_fn(p, x[:8], y[:8]).backward()
+    with pytest.raises(ValueError, match="theta_out"):
+        opt.step()
+    with pytest.raises(ValueError, match="at="):
+        with opt.sampled_params(at="middle"):
+            pass
+
+
+def test_correction_reduces_gradient_variance_at_the_snapshot():
+    """Right after a refresh with the full batch, m_in = m_out and the corrected gradient of any
+    mini-batch equals g_out up to the noise difference: with shared noise it is exact."""
+    x, y = make_data()
+    p = make_params()
+    opt = IVONPC(p, **{**HP, "alpha": 1.0, "start_step": 0, "hess_init": 1e3}, seed=0)
+    with opt.refreshing():
+        for part in torch.arange(64).chunk(4):
+            with opt.sampled_params(train=True, at="mega"):
+                loss_fn(p, x[part], y[part]).backward()
+    with opt.sampled_params(train=True):
+        loss_fn(p, x[:5], y[:5]).backward()
+    with opt.sampled_params(train=True, at="out"):
+        loss_fn(p, x[:5], y[:5]).backward()
+    g_hat = opt._flat[0]["acc_g"] + opt._flat[0]["g_out"]
+    assert torch.allclose(g_hat, opt._flat[0]["g_out"], atol=1e-12)
+    opt.step()
