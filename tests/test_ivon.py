@@ -1,0 +1,162 @@
+"""IVON: equality with ivon-opt 0.1.3, and the defects of ivon-opt that must not be copied."""
+
+import io
+
+import pytest
+import torch
+
+from hf_ivonpc.optim import IVON
+
+from _problems import drive, groups_of, loss_fn, make_data, make_params
+
+ivon_opt = pytest.importorskip("ivon")
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("kw", [
+    dict(lr=0.1, ess=200.0, hess_init=0.5, beta2=0.999, weight_decay=1e-3, clip_radius=0.05),
+    dict(lr=300.0, ess=1e4, hess_init=1e-3, beta2=0.99999, weight_decay=1e-6, clip_radius=1e-3),
+])
+def test_equals_ivon_opt_on_the_same_noise(kw, monkeypatch):
+    x, y = make_data(dtype=torch.float32)
+    a, b = _model(), _model()
+    theirs = ivon_opt.IVON(a.parameters(), **kw)
+    ours = IVON(b.parameters(), **kw, seed=5)
+    gen = torch.Generator().manual_seed(5)  # ivon-opt draws with torch.randn: feed it our stream
+    monkeypatch.setattr(ivon_opt._ivon.torch, "randn",
+                        lambda *size, device=None, dtype=None: torch.empty(*size, dtype=dtype).normal_(generator=gen))
+    for step in range(40):
+        xb, yb = x[step % 8 * 8:(step % 8 + 1) * 8], y[step % 8 * 8:(step % 8 + 1) * 8]
+        for model, opt in ((a, theirs), (b, ours)):
+            for _ in range(2):  # two MC samples per step
+                with opt.sampled_params(train=True):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert _rel(pb, pa) < 1e-6
+    h_theirs = torch.cat([g["hess"] for g in theirs.param_groups])
+    assert _rel(ours._flat[0]["hess"], h_theirs) < 1e-6
+    assert _rel(ours._flat[0]["momentum"], torch.cat([g["momentum"] for g in theirs.param_groups])) < 1e-6
+    assert not torch.equal(ours._flat[0]["hess"], torch.full_like(h_theirs, kw["hess_init"]))
+
+
+def test_state_dict_holds_step_and_generator_and_loads_weights_only():
+    x, y = make_data()
+    pa = make_params()
+    a = IVON(groups_of(pa), lr=0.1, ess=100.0, hess_init=0.3, beta2=0.99, seed=1)
+    drive(a, pa, 5, x, y)
+    sd = a.state_dict()
+    assert [g["step"] for g in sd["param_groups"]] == [5, 5]
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
+    b = IVON(groups_of(pb), lr=0.1, ess=100.0, hess_init=0.3, beta2=0.99, seed=2)
+    b.load_state_dict(loaded)
+    assert drive(a, pa, 6, x, y) == drive(b, pb, 6, x, y)  # debiasing and noise continue
+    for p, q in zip(pa, pb):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    pa = make_params()
+    a = IVON(pa, lr=0.1, ess=100.0)
+    sd = a.state_dict()
+    sd["state"][2]["hess"] = torch.zeros(7)
+    b = IVON(make_params(), lr=0.1, ess=100.0, hess_init=0.5)
+    before = b._flat[0]["hess"].clone()
+    with pytest.raises(ValueError, match="shape"):
+        b.load_state_dict(sd)
+    assert torch.equal(b._flat[0]["hess"], before)
+
+
+def test_parameters_without_grad_are_skipped():
+    x, y = make_data()
+    p = make_params()
+    unused = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = IVON(p + [unused], lr=0.1, ess=100.0, weight_decay=0.1, seed=0)
+    for _ in range(3):
+        with opt.sampled_params(train=True):
+            loss_fn(p, x, y).backward()   # `unused` gets no gradient
+        opt.step()
+    assert torch.equal(unused, torch.ones(4, dtype=torch.float64))   # no decay, no noise left
+    assert torch.equal(opt.state[unused]["hess"], torch.full((4,), 1.0, dtype=torch.float64))
+    assert not torch.equal(opt.state[p[0]]["hess"], torch.full_like(p[0], 1.0))
+
+
+def test_generator_is_seedable_and_per_opt():
+    x, y = make_data()
+    runs = []
+    for seed in (3, 3, 4):
+        p = make_params()
+        opt = IVON(p, lr=0.1, ess=100.0, seed=seed)
+        torch.manual_seed(123)   # the global RNG plays no part
+        runs.append(drive(opt, p, 3, x, y))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_bf16_parameters_keep_fp32_state_and_learn_h():
+    x, y = make_data(dtype=torch.float32)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3).to(torch.bfloat16)
+    opt = IVON(model.parameters(), lr=0.05, ess=1e3, hess_init=0.01, beta2=0.99999, seed=0,
+               rescale_lr=False)
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for v in st.values())
+    for _ in range(20):
+        with opt.sampled_params(train=True):
+            torch.nn.functional.cross_entropy(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+    h = opt._flat[0]["hess"]
+    # with beta2 = 0.99999 a bf16 h could not move from 0.01 at all (below its resolution)
+    assert (h != 0.01).float().mean() > 0.9
+    assert torch.equal(opt._flat[0]["mean"].bfloat16(), torch.cat([q.detach().flatten() for q in model.parameters()]))
+
+
+def test_sampling_restores_exactly_and_is_exception_safe():
+    p = make_params()
+    opt = IVON(p, lr=0.1, ess=10.0, seed=0)
+    before = [q.detach().clone() for q in p]
+    with opt.sampled_params():
+        assert not torch.equal(p[0], before[0])
+    for a, b in zip(p, before):
+        assert torch.equal(a, b)
+    with pytest.raises(KeyError):
+        with opt.sampled_params(train=True):
+            raise KeyError("x")
+    for a, b in zip(p, before):
+        assert torch.equal(a, b)
+
+
+def test_noise_has_the_posterior_scale():
+    p = [torch.nn.Parameter(torch.zeros(200_000))]
+    opt = IVON(p, lr=0.1, ess=50.0, hess_init=0.3, weight_decay=0.1, seed=0)
+    with opt.sampled_params():
+        std = p[0].detach().std().item()
+    expected = (50.0 * (0.3 + 0.1)) ** -0.5
+    assert abs(std / expected - 1) < 0.01
+    assert abs(opt.posterior_std()[0][0].item() / expected - 1) < 1e-6
+
+
+def test_step_with_closure_like_ivon_opt():
+    x, y = make_data()
+    p = make_params()
+    opt = IVON(p, lr=0.1, ess=100.0, mc_samples=3, seed=0)
+
+    def closure():
+        with opt.sampled_params(train=True):
+            loss = loss_fn(p, x, y)
+            loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss is not None and opt.global_step == 1
