@@ -102,6 +102,9 @@ class FlatStateOptimizer(torch.optim.Optimizer):
         params = list(params)
         if len(params) == 0:
             raise ValueError("params is empty: the optimizer got no parameters")
+        flat_list = [q for g in params for q in g["params"]] if isinstance(params[0], dict) else params
+        if len(set(map(id, flat_list))) != len(flat_list):
+            raise ValueError("params contains the same tensor twice: accepted is each parameter once")
         super().__init__(params, defaults)
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
@@ -112,8 +115,6 @@ class FlatStateOptimizer(torch.optim.Optimizer):
         if len(dtypes) > 1:
             raise ValueError(f"params have mixed dtypes {sorted(map(str, dtypes))}: "
                              "accepted is one floating dtype for all parameters")
-        if len(set(map(id, all_params))) != len(all_params):
-            raise ValueError("params contains the same tensor twice: accepted is each parameter once")
         pdtype = next(iter(dtypes))
         if not pdtype.is_floating_point:
             raise ValueError(f"params have dtype {pdtype}: accepted are floating dtypes")
