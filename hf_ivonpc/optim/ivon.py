@@ -121,33 +121,36 @@ class IVON(FlatStateOptimizer):
         lr = group["lr"]
         return lr * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else lr
 
-    def _h_hat(self, s: dict, group: dict, k: int) -> torch.Tensor:
-        """Mean Hessian estimate of this step's in-samples, from the old h (the noise's)."""
+    def _h_hat(self, s: dict, group: dict, k: int, hpd: torch.Tensor) -> torch.Tensor:
+        """Mean Hessian estimate of this step's in-samples; ``hpd`` is h + wd with the old h
+        (the one the noise was drawn with)."""
         if self.hess_approx == "price":
-            return s["acc_nxg"].mul(1.0 / k).mul_(s["hess"].add(group["weight_decay"])).mul_(group["ess"])
+            return s["acc_nxg"].mul(hpd).mul_(group["ess"] / k)
         return s["acc_nxg"].mul(group["ess"] / k)
 
     def _update(self, s, group, k, use_correction):
+        # 15 elementwise operations on one cache-sized chunk (Alg. 4, lines 8 and 11-16)
         b1, b2, wd = group["beta1"], group["beta2"], group["weight_decay"]
-        g_hat = s["acc_g"].mul(1.0 / k) if k != 1 else s["acc_g"]
-        h_hat = self._h_hat(s, group, k)
         m, mom, h = s["mean"], s["momentum"], s["hess"]
+        g_hat = s["acc_g"].mul_(1.0 / k) if k != 1 else s["acc_g"]
+        hpd = h.add(wd)
+        h_hat = self._h_hat(s, group, k, hpd)
         extra = None
         if use_correction:
             g_hat, h_hat, extra = self._correct(s, group, k, g_hat, h_hat)
-        mom.mul_(b1).add_(g_hat, alpha=1.0 - b1)
-        hpd_old = h.add(wd)
+        mom.lerp_(g_hat, 1.0 - b1)
         d2 = h.sub(h_hat).square_()
-        h.mul_(b2).add_(h_hat, alpha=1.0 - b2).addcdiv_(d2, hpd_old, value=0.5 * (1.0 - b2) ** 2)
+        h.mul_(b2).add_(h_hat, alpha=1.0 - b2).addcdiv_(d2, hpd, value=0.5 * (1.0 - b2) ** 2)
+        # clip((mom / debias + wd m) / (h + wd), r) = clip((mom + debias wd m) / (h + wd), debias r) / debias
         debias = 1.0 - b1 ** group["step"] if self.debias else 1.0
-        num = torch.add(mom.div(debias), m, alpha=wd)
+        num = torch.add(mom, m, alpha=wd * debias)
         if extra is not None:
-            num.add_(extra)
+            num.add_(extra, alpha=debias)
         u = num.div_(h.add(wd))
         r = group["clip_radius"]
         if r != float("inf"):
-            u.clamp_(-r, r)
-        m.sub_(u, alpha=self._step_size(group))
+            u.clamp_(-r * debias, r * debias)
+        m.sub_(u, alpha=self._step_size(group) / debias)
 
     def _correct(self, s, group, k, g_hat, h_hat):
         raise NotImplementedError
