@@ -18,7 +18,7 @@ import torch
 class IVONPC:
     def __init__(self, params, lr, ess, hess_init=1.0, beta1=0.9, beta2=0.99999, weight_decay=1e-4,
                  clip_radius=math.inf, rescale_lr=True, *, alpha=1.0, rho1=0.0, rho2=0.0,
-                 mean_term_weight=1.0, refresh_every=10, start_step=0, shared_noise=True,
+                 mean_term_weight=0.01, refresh_every=10, start_step=0, shared_noise=True,
                  generator=None, seed=0):
         params = list(params)
         groups = params if isinstance(params[0], dict) else [{"params": params}]
