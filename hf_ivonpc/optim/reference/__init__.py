@@ -3,5 +3,6 @@
 from .ivon import IVON
 from .ivon_pc import IVONPC
 from .svrg import AlphaSVRG, svrg, vsgd_pc
+from .von_pc import VONPC
 
-__all__ = ["IVON", "IVONPC", "AlphaSVRG", "svrg", "vsgd_pc"]
+__all__ = ["IVON", "IVONPC", "AlphaSVRG", "svrg", "vsgd_pc", "VONPC"]
