@@ -160,3 +160,40 @@ def test_step_with_closure_like_ivon_opt():
 
     loss = opt.step(closure)
     assert loss is not None and opt.global_step == 1
+
+
+def test_parallel_noise_is_reproducible_and_standard_normal():
+    from hf_ivonpc.optim._kernels import standard_normal_
+    a, b = torch.empty(1 << 21), torch.empty(1 << 21)
+    standard_normal_(a, torch.Generator().manual_seed(0))
+    standard_normal_(b, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert abs(a.mean().item()) < 3e-3 and abs(a.std().item() - 1) < 3e-3
+    if torch.get_num_threads() > 1:  # the halves come from differently seeded streams
+        h = a.numel() // torch.get_num_threads()
+        assert not torch.equal(a[:100], a[h:h + 100])
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    from hf_ivonpc.optim import _kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(_kernels, "_compiled", {})
+    monkeypatch.setattr(_kernels, "_compile_failed", set())
+    monkeypatch.setattr(_kernels.torch, "compile", broken)
+    x, y = make_data()
+    pa, pb = make_params(), make_params()
+    a = IVON(pa, lr=0.1, ess=100.0, seed=0, fused=None, chunk_size=7)
+    b = IVON(pb, lr=0.1, ess=100.0, seed=0, fused=False)
+    import hf_ivonpc.optim._base as base
+    monkeypatch.setattr(base, "FUSE_MIN_NUMEL", 0)   # make the tiny problem try to compile
+    with pytest.warns(RuntimeWarning, match="torch.compile of ivon_.* failed"):
+        drive(a, pa, 3, x, y)
+    drive(b, pb, 3, x, y)
+    for p, q in zip(pa, pb):
+        assert torch.allclose(p, q, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="no compiler"):   # fused=True does not hide it
+        c_params = make_params()
+        c = IVON(c_params, lr=0.1, ess=100.0, fused=True)
+        drive(c, c_params, 1, x, y)

@@ -16,10 +16,11 @@ HP = dict(lr=0.1, ess=500.0, hess_init=0.2, beta1=0.9, beta2=0.99, weight_decay=
 PC = dict(alpha=0.7, rho1=0.6, rho2=0.1, mean_term_weight=1.0, refresh_every=4, start_step=3)
 
 
-def _pair(shared_noise=True, groups=True, **over):
+def _pair(shared_noise=True, groups=True, fused=False, **over):
     kw = {**HP, **PC, "shared_noise": shared_noise, **over}
     pf, pr = make_params(), make_params()
-    fast = IVONPC(groups_of(pf) if groups else pf, generator=torch.Generator().manual_seed(3), **kw)
+    fast = IVONPC(groups_of(pf) if groups else pf, generator=torch.Generator().manual_seed(3),
+                  fused=fused, **kw)
     slow = ref.IVONPC(groups_of(pr) if groups else pr, generator=torch.Generator().manual_seed(3), **kw)
     return fast, pf, slow, pr
 
@@ -31,11 +32,12 @@ def _close(a, b, rtol=1e-10):
         assert torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-2), (x - y).abs().max()
 
 
-@pytest.mark.parametrize("shared_noise", [True, False])
-@pytest.mark.parametrize("micro", [1, 3])
-def test_fast_equals_reference(shared_noise, micro):
+@pytest.mark.parametrize("shared_noise,micro,fused", [
+    (True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False), (True, 3, True),
+])
+def test_fast_equals_reference(shared_noise, micro, fused):
     x, y = make_data()
-    fast, pf, slow, pr = _pair(shared_noise)
+    fast, pf, slow, pr = _pair(shared_noise, fused=fused)
     lf = drive(fast, pf, 24, x, y, micro=micro)
     lr_ = drive(slow, pr, 24, x, y, micro=micro)
     assert fast._pc["refreshes"] == slow.refreshes == 6  # steps 3, 7, ..., 23

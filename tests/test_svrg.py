@@ -77,12 +77,12 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
-@pytest.mark.parametrize("shared_noise", [True, False])
-def test_fast_equals_reference(cfg, shared_noise):
+@pytest.mark.parametrize("shared_noise,fused", [(True, False), (False, False), (True, True)])
+def test_fast_equals_reference(cfg, shared_noise, fused):
     x, y = make_data()
     kw = dict(lr=0.05, alpha=0.6, refresh_every=4, start_step=2, shared_noise=shared_noise, **cfg)
     pf, pr = make_params(), make_params()
-    fast = AlphaSVRG(groups_of(pf), generator=torch.Generator().manual_seed(4), **kw)
+    fast = AlphaSVRG(groups_of(pf), generator=torch.Generator().manual_seed(4), fused=fused, **kw)
     slow = ref.AlphaSVRG(groups_of(pr), generator=torch.Generator().manual_seed(4), **kw)
     lf = drive(fast, pf, 22, x, y, micro=2)
     ls = drive(slow, pr, 22, x, y, micro=2)

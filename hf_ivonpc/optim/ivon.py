@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import _kernels as K
 from ._base import (FlatStateOptimizer, check_arg, check_beta, check_int_min, check_nonneg,
                     check_positive, check_radius)
 
@@ -45,7 +46,10 @@ class IVON(FlatStateOptimizer):
         debias: debias the momentum.
         rescale_lr: see ``lr``.
         seed / generator: source of the noise (a generator seeded with ``seed + rank``).
-        chunk_size: elements per chunk of the fused update (default: 65536 on CPU, all on GPU).
+        fused: compile the element-wise updates with ``torch.compile`` into one loop over memory
+            (True: always; None: for groups of >= 65536 elements, falling back to eager chunks
+            with a warning if compilation fails; False: never).
+        chunk_size: elements per chunk of the eager update (default: 65536 on CPU, all on GPU).
     """
 
     persistent_buffers = ("mean", "momentum", "hess")
@@ -56,7 +60,7 @@ class IVON(FlatStateOptimizer):
                  hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
                  debias: bool = True, rescale_lr: bool = True, *, seed: int | None = None,
                  generator: torch.Generator | None = None, chunk_size: int | None = None,
-                 _pc_defaults: dict | None = None, **pc_kwargs):
+                 fused: bool | None = None, _pc_defaults: dict | None = None, **pc_kwargs):
         check_int_min("mc_samples", mc_samples, 1)
         check_arg("hess_approx", hess_approx, hess_approx in ("price", "gradsq"), "'price' or 'gradsq'")
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
@@ -68,7 +72,7 @@ class IVON(FlatStateOptimizer):
         self.rescale_lr = rescale_lr
         self.mc_samples = mc_samples
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
-                         **pc_kwargs)
+                         fused=fused, **pc_kwargs)
 
     def _check_group(self, group: dict, gi: int) -> None:
         pre = "" if gi == 0 else f"param_groups[{gi}]."
@@ -87,11 +91,9 @@ class IVON(FlatStateOptimizer):
     def _draw_noise(self, gi: int, group: dict) -> None:
         """noise <- N(0, I) / sqrt(ess (h + wd))."""
         flat = self._flat[gi]
-        noise, h = flat["noise"], flat["hess"]
-        noise.normal_(generator=self.generator)
-        ess, wd = group["ess"], group["weight_decay"]
-        for s in self._chunks(noise.numel()):
-            noise[s].div_(h[s].add(wd).mul_(ess).sqrt_())
+        self._draw_standard_normal(flat["noise"])
+        self._run(K.ivon_scale_noise, {"noise": flat["noise"], "hess": flat["hess"]},
+                  [group["ess"], group["weight_decay"]])
 
     def _draw(self, at: str) -> None:
         for gi, group in enumerate(self.param_groups):
@@ -121,39 +123,20 @@ class IVON(FlatStateOptimizer):
         lr = group["lr"]
         return lr * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else lr
 
-    def _h_hat(self, s: dict, group: dict, k: int, hpd: torch.Tensor) -> torch.Tensor:
-        """Mean Hessian estimate of this step's in-samples; ``hpd`` is h + wd with the old h
-        (the one the noise was drawn with)."""
-        if self.hess_approx == "price":
-            return s["acc_nxg"].mul(hpd).mul_(group["ess"] / k)
-        return s["acc_nxg"].mul(group["ess"] / k)
-
-    def _update(self, s, group, k, use_correction):
-        # 15 elementwise operations on one cache-sized chunk (Alg. 4, lines 8 and 11-16)
-        b1, b2, wd = group["beta1"], group["beta2"], group["weight_decay"]
-        m, mom, h = s["mean"], s["momentum"], s["hess"]
-        g_hat = s["acc_g"].mul_(1.0 / k) if k != 1 else s["acc_g"]
-        hpd = h.add(wd)
-        h_hat = self._h_hat(s, group, k, hpd)
-        extra = None
-        if use_correction:
-            g_hat, h_hat, extra = self._correct(s, group, k, g_hat, h_hat)
-        mom.lerp_(g_hat, 1.0 - b1)
-        d2 = h.sub(h_hat).square_()
-        h.mul_(b2).add_(h_hat, alpha=1.0 - b2).addcdiv_(d2, hpd, value=0.5 * (1.0 - b2) ** 2)
-        # clip((mom / debias + wd m) / (h + wd), r) = clip((mom + debias wd m) / (h + wd), debias r) / debias
-        debias = 1.0 - b1 ** group["step"] if self.debias else 1.0
-        num = torch.add(mom, m, alpha=wd * debias)
-        if extra is not None:
-            num.add_(extra, alpha=debias)
-        u = num.div_(h.add(wd))
+    def _update(self, flat, group, k, use_correction, ranges):
+        b1, b2 = group["beta1"], group["beta2"]
         r = group["clip_radius"]
-        if r != float("inf"):
-            u.clamp_(-r * debias, r * debias)
-        m.sub_(u, alpha=self._step_size(group) / debias)
-
-    def _correct(self, s, group, k, g_hat, h_hat):
-        raise NotImplementedError
+        a = group.get("alpha", 0.0)
+        scalars = [1.0 / k, b1, 1.0 - b1, b2, 1.0 - b2, 0.5 * (1.0 - b2) ** 2,
+                   group["weight_decay"], group["ess"] / k,
+                   1.0 - b1 ** group["step"] if self.debias else 1.0, self._step_size(group),
+                   r if r != float("inf") else 0.0, a, a * group.get("mean_term_weight", 0.0)]
+        names = ["mean", "momentum", "hess", "acc_g", "acc_nxg"]
+        if use_correction:
+            names += ["g_out", "h_out", "m_out", "sigma_out", "acc_nxg_out"]
+        self._run(K.ivon_update, {n: flat[n] for n in names}, scalars, ranges,
+                  price=self.hess_approx == "price", clip=r != float("inf"),
+                  mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0)
 
     # ------------------------------------------------------------------ inspection
     @torch.no_grad()

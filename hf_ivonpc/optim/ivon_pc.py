@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import _kernels as K
 from ._base import check_nonneg, check_unit
 from .ivon import IVON
 
@@ -54,13 +55,13 @@ class IVONPC(IVON):
                  rho1: float = 0.0, rho2: float = 0.0, mean_term_weight: float = 0.01,
                  refresh_every: int = 10, start_step: int = 0, shared_noise: bool = True,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, fused: bool | None = None):
         if hess_approx != "price":
             raise ValueError(f"hess_approx={hess_approx!r} is invalid: accepted is 'price' "
                              "(the correction needs the reparameterisation estimate)")
         super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples,
                          hess_approx, clip_radius, sync, debias, rescale_lr, seed=seed,
-                         generator=generator, chunk_size=chunk_size,
+                         generator=generator, chunk_size=chunk_size, fused=fused,
                          _pc_defaults=dict(alpha=alpha, rho1=rho1, rho2=rho2,
                                            mean_term_weight=mean_term_weight),
                          refresh_every=refresh_every, start_step=start_step,
@@ -83,14 +84,13 @@ class IVONPC(IVON):
             return super()._draw(at)
         for gi, group in enumerate(self.param_groups):
             flat = self._flat[gi]
-            noise, h, sig_out = flat["noise"], flat["hess"], flat["sigma_out"]
             if self.shared_noise:  # eps = noise / sigma_in, reused: noise_out = eps * sigma_out
-                ess, wd = group["ess"], group["weight_decay"]
-                for s in self._chunks(noise.numel()):
-                    noise[s].mul_(h[s].add(wd).mul_(ess).sqrt_()).mul_(sig_out[s])
+                self._run(K.ivon_noise_to_out, {"noise": flat["noise"], "hess": flat["hess"],
+                                                "sigma_out": flat["sigma_out"]},
+                          [group["ess"], group["weight_decay"]])
             else:
-                noise.normal_(generator=self.generator)
-                noise.mul_(sig_out)
+                self._draw_standard_normal(flat["noise"])
+                flat["noise"].mul_(flat["sigma_out"])
             torch._foreach_copy_(group["params"], self._views[gi]["m_out"])
             torch._foreach_add_(group["params"], self._views[gi]["noise"])
         # the noise buffer now holds theta_out - m_out
@@ -104,30 +104,7 @@ class IVONPC(IVON):
 
     # ------------------------------------------------------------------ outer loop
     def _finish_refresh(self, gi, group, flat, first):
-        k = self._count["mega"]
-        ess, wd, rho1, rho2 = group["ess"], group["weight_decay"], group["rho1"], group["rho2"]
-        for s in self._chunks(flat["mean"].numel()):
-            h = flat["hess"][s]
-            g_hat = flat["acc_g"][s].mul(1.0 / k)
-            h_hat = flat["acc_nxg"][s].mul(1.0 / k).mul_(h.add(wd)).mul_(ess)
-            if first:
-                flat["g_out"][s].copy_(g_hat)
-                flat["h_out"][s].copy_(h_hat)
-            else:
-                flat["g_out"][s].lerp_(g_hat, 1.0 - rho1)
-                flat["h_out"][s].lerp_(h_hat, 1.0 - rho2)
-            flat["m_out"][s].copy_(flat["mean"][s])
-            flat["sigma_out"][s].copy_(h.add(wd).mul_(ess).rsqrt_())
-
-    # ------------------------------------------------------------------ inner step
-    def _correct(self, s, group, k, g_hat, h_hat):
-        a = group["alpha"]
-        g_hat = g_hat.add(s["g_out"], alpha=a)
-        # h_hat_out = mean(grad (theta_out - m_out)) / sigma_out^2
-        h_hat_out = s["acc_nxg_out"].mul(1.0 / k).div_(s["sigma_out"].square())
-        h_hat = h_hat.sub_(h_hat_out, alpha=a).add_(s["h_out"], alpha=a)
-        extra = None
-        w = group["mean_term_weight"]
-        if w != 0.0:
-            extra = s["h_out"].sub(h_hat_out).mul_(s["mean"].sub(s["m_out"])).mul_(w * a)
-        return g_hat, h_hat, extra
+        names = ["mean", "hess", "acc_g", "acc_nxg", "g_out", "h_out", "m_out", "sigma_out"]
+        self._run(K.ivon_refresh, {n: flat[n] for n in names},
+                  [1.0 / self._count["mega"], group["ess"], group["weight_decay"], group["rho1"],
+                   1.0 - group["rho1"], group["rho2"], 1.0 - group["rho2"]], first=first)

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from . import _kernels as K
 from ._base import (FlatStateOptimizer, check_arg, check_beta, check_nonneg, check_positive,
                     check_unit)
 
@@ -51,7 +52,7 @@ class AlphaSVRG(FlatStateOptimizer):
                  weight_decay: float = 0.0, noise_std: float = 0.0, rho1: float = 0.0, *,
                  refresh_every: int = 10, start_step: int = 0, shared_noise: bool = True,
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, fused: bool | None = None):
         check_arg("base", base, base in ("sgd", "adamw"), "'sgd' or 'adamw'")
         self.base = base
         self.persistent_buffers = ("mean", "g_out", "m_out") + (
@@ -60,7 +61,7 @@ class AlphaSVRG(FlatStateOptimizer):
         defaults = dict(lr=lr, alpha=alpha, momentum=momentum, betas=tuple(betas), eps=eps,
                         weight_decay=weight_decay, noise_std=noise_std, rho1=rho1)
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
-                         refresh_every=refresh_every, start_step=start_step,
+                         fused=fused, refresh_every=refresh_every, start_step=start_step,
                          shared_noise=shared_noise)
 
     def _check_group(self, group, gi):
@@ -83,7 +84,8 @@ class AlphaSVRG(FlatStateOptimizer):
             params, views, sd = group["params"], self._views[gi], group["noise_std"]
             fresh = not (at == "out" and self.shared_noise)
             if sd > 0 and fresh:
-                self._flat[gi]["noise"].normal_(generator=self.generator).mul_(sd)
+                self._draw_standard_normal(self._flat[gi]["noise"])
+                self._flat[gi]["noise"].mul_(sd)
             if at == "out":
                 torch._foreach_copy_(params, views["m_out"])
             if sd > 0:
@@ -94,43 +96,24 @@ class AlphaSVRG(FlatStateOptimizer):
         self._acc(gi, "acc_g", idx, grads, alpha=alpha)
 
     def _finish_refresh(self, gi, group, flat, first):
-        g_hat = flat["acc_g"].mul_(1.0 / self._count["mega"])
-        if first:
-            flat["g_out"].copy_(g_hat)
-        else:
-            flat["g_out"].lerp_(g_hat, 1.0 - group["rho1"])
-        flat["m_out"].copy_(flat["mean"])
+        self._run(K.svrg_refresh, {n: flat[n] for n in ("mean", "acc_g", "g_out", "m_out")},
+                  [1.0 / self._count["mega"], group["rho1"], 1.0 - group["rho1"]], first=first)
 
     # ------------------------------------------------------------------ update
-    def _update(self, s, group, k, use_correction):
-        g = s["acc_g"]
-        if k != 1:
-            g.mul_(1.0 / k)
-        if use_correction:
-            g.add_(s["g_out"], alpha=group["alpha"])
-        m, lr, wd, t = s["mean"], group["lr"], group["weight_decay"], group["step"]
+    def _update(self, flat, group, k, use_correction, ranges):
+        lr, wd, t = group["lr"], group["weight_decay"], group["step"]
+        corr = {"g_out": flat["g_out"]} if use_correction else {}
         if self.base == "sgd":
-            if wd:
-                g.add_(m, alpha=wd)
-            mu = group["momentum"]
-            if mu:
-                buf = s["momentum_buffer"]
-                if t == 1:
-                    buf.copy_(g)
-                else:
-                    buf.mul_(mu).add_(g)
-                g = buf
-            m.sub_(g, alpha=lr)
+            names = ("mean", "acc_g", "momentum_buffer")
+            self._run(K.sgd_update, {**{n: flat[n] for n in names}, **corr},
+                      [1.0 / k, lr, wd, group["momentum"], group["alpha"]], ranges,
+                      first=t == 1, momentum=group["momentum"] != 0.0)
         else:
             b1, b2 = group["betas"]
-            if wd:
-                m.mul_(1.0 - lr * wd)
-            ea, eas = s["exp_avg"], s["exp_avg_sq"]
-            ea.lerp_(g, 1.0 - b1)
-            eas.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-            bc1, bc2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-            denom = eas.sqrt().div_(math.sqrt(bc2)).add_(group["eps"])
-            m.addcdiv_(ea, denom, value=-lr / bc1)
+            names = ("mean", "acc_g", "exp_avg", "exp_avg_sq")
+            self._run(K.adamw_update, {**{n: flat[n] for n in names}, **corr},
+                      [1.0 / k, 1.0 - lr * wd, b1, 1.0 - b1, b2, 1.0 - b2, group["eps"],
+                       lr / (1.0 - b1 ** t), math.sqrt(1.0 - b2 ** t), group["alpha"]], ranges)
 
 
 class SVRG(AlphaSVRG):

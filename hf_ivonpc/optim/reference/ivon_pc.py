@@ -1,7 +1,7 @@
 """Reference IVON-PCM, written line by line from Alg. 4 of the paper. Slow and readable.
 
 Per-parameter Python loops, one quantity per line, the paper's names. It draws its noise from the
-generator in the same order as the fast implementation (one ``normal_`` over each parameter
+generator in the same order as the fast implementation (one ``standard_normal_`` over each parameter
 group's concatenated size per draw), so the two can be compared on the same randomness.
 It drives like the fast optimizers (``needs_refresh``, ``refreshing()``,
 ``sampled_params(train, at)``, ``correction_active``, ``step()``).
@@ -13,6 +13,8 @@ import math
 from contextlib import contextmanager
 
 import torch
+
+from .._kernels import standard_normal_
 
 
 class IVONPC:
@@ -68,7 +70,7 @@ class IVONPC:
         eps = []
         for group in self.param_groups:
             n = sum(p.numel() for p in group["params"])
-            flat = torch.empty(n, dtype=group["params"][0].dtype).normal_(generator=self.generator)
+            flat = standard_normal_(torch.empty(n, dtype=group["params"][0].dtype), self.generator)
             off = 0
             for p in group["params"]:
                 eps.append(flat[off:off + p.numel()].view_as(p))

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .._kernels import standard_normal_
+
 
 def svrg(grad_i, theta, N, m, eta, outer_iters, pick):
     """Alg. 1. ``grad_i(i, theta)`` is the gradient of example i; ``pick()`` returns an index.
@@ -78,7 +80,7 @@ class AlphaSVRG:
         eps = []
         for group in self.param_groups:
             n = sum(p.numel() for p in group["params"])
-            flat = torch.empty(n, dtype=group["params"][0].dtype).normal_(generator=self.generator)
+            flat = standard_normal_(torch.empty(n, dtype=group["params"][0].dtype), self.generator)
             off = 0
             for p in group["params"]:
                 eps.append(flat[off:off + p.numel()].view_as(p))

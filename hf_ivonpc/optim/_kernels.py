@@ -1,0 +1,188 @@
+"""Element-wise kernels over flat state buffers, and how they run.
+
+Each kernel is a plain function of flat tensors and a 1-D tensor of scalars (tensors, so that a
+changing learning rate or debiasing factor does not trigger a recompilation). ``run_kernel`` runs
+it either compiled by ``torch.compile`` into one fused loop over the whole buffer (the default
+wherever compilation works: one pass over memory instead of one per operation), or eagerly over
+cache-sized chunks (the fallback, and ``fused=False``). Both evaluate the same expressions.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+_compiled: dict[Callable, Callable] = {}
+_compile_failed: set[Callable] = set()
+_lock = threading.Lock()
+
+
+def _compiled_version(fn: Callable) -> Callable:
+    with _lock:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+        return _compiled[fn]
+
+
+def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: bool | None,
+               chunk: int, ranges: list[slice], **flags) -> None:
+    """Apply ``fn(**tensors_slice, sc=scalars, **flags)`` over each range of the flat buffers.
+
+    ``fused=None`` compiles and falls back to eager chunks (with one warning) if compilation fails;
+    ``fused=True`` compiles and raises on failure; ``fused=False`` never compiles.
+    """
+    if fused or (fused is None and fn not in _compile_failed):
+        try:
+            cfn = _compiled_version(fn)
+            for r in ranges:
+                cfn(**{k: v[r] for k, v in tensors.items()}, sc=scalars, **flags)
+            return
+        except Exception as err:  # no C++ compiler, unsupported backend, ...
+            if fused:
+                raise
+            _compile_failed.add(fn)
+            warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
+                          "using the eager chunked kernels (pass fused=False to skip compiling)",
+                          RuntimeWarning, stacklevel=3)
+    for r in ranges:
+        for lo in range(r.start, r.stop, chunk):
+            sl = slice(lo, min(lo + chunk, r.stop))
+            fn(**{k: v[sl] for k, v in tensors.items()}, sc=scalars, **flags)
+
+
+# ---------------------------------------------------------------------------- noise
+_pool: ThreadPoolExecutor | None = None
+_sub_generators: list[torch.Generator] = []
+
+
+def standard_normal_(buf: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fill ``buf`` with N(0, 1) draws determined by ``generator`` alone.
+
+    On CPU, large buffers are filled in parallel: per call, one seed per thread is drawn from
+    ``generator`` and each thread fills its slice with its own re-seeded generator (exact normal
+    draws; the stream depends only on ``generator``'s state and the thread count).
+    """
+    global _pool
+    threads = torch.get_num_threads()
+    n = buf.numel()
+    if buf.device.type != "cpu" or threads < 2 or n < (1 << 20):
+        return buf.normal_(generator=generator)
+    seeds = torch.randint(0, 2**62, (threads,), generator=generator).tolist()
+    with _lock:
+        if _pool is None or _pool._max_workers != threads:
+            _pool = ThreadPoolExecutor(max_workers=threads)
+        while len(_sub_generators) < threads:
+            _sub_generators.append(torch.Generator())
+        gens = _sub_generators[:threads]
+    step = -(-n // threads)
+    parts = [buf[i * step:(i + 1) * step] for i in range(threads)]
+
+    def fill(i: int) -> None:
+        gens[i].manual_seed(seeds[i])
+        parts[i].normal_(generator=gens[i])
+
+    with _lock:  # the sub-generators are shared: one fill at a time
+        list(_pool.map(fill, range(threads)))
+    return buf
+
+
+# ---------------------------------------------------------------------------- IVON / IVON-PCM
+def ivon_scale_noise(noise, hess, sc):
+    """noise <- noise / sqrt(ess (h + wd));  sc = [ess, wd]."""
+    noise.div_(((hess + sc[1]) * sc[0]).sqrt())
+
+
+def ivon_noise_to_out(noise, hess, sigma_out, sc):
+    """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
+    noise.mul_(((hess + sc[1]) * sc[0]).sqrt() * sigma_out)
+
+
+def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool):
+    """Alg. 4 lines 3-5. sc = [1/M, ess, wd, rho1, 1 - rho1, rho2, 1 - rho2]."""
+    inv_m, ess, wd = sc[0], sc[1], sc[2]
+    hpd = hess + wd
+    g_hat = acc_g * inv_m
+    h_hat = acc_nxg * hpd * (ess * inv_m)
+    if first:
+        g_out.copy_(g_hat)
+        h_out.copy_(h_hat)
+    else:
+        g_out.copy_(sc[3] * g_out + sc[4] * g_hat)
+        h_out.copy_(sc[5] * h_out + sc[6] * h_hat)
+    m_out.copy_(mean)
+    sigma_out.copy_((hpd * ess).rsqrt())
+
+
+def ivon_update(mean, momentum, hess, acc_g, acc_nxg, sc, g_out=None, h_out=None, m_out=None,
+                sigma_out=None, acc_nxg_out=None, price: bool = True, clip: bool = True,
+                mean_term: bool = False):
+    """One IVON(-PCM) step, Alg. 4 lines 8-16. The correction is used when ``g_out`` is given.
+
+    sc = [1/k, beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2)^2 / 2, wd, ess/k, debias,
+          step size, clip radius, alpha, alpha * mean-term weight]
+    (complements are computed in float64 by the caller: 1 - beta2 in fp32 would be off by 0.1%)."""
+    inv_k, b1, c1, b2, c2, c22, wd, ess_k = sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]
+    debias, lr, r, a, aw = sc[8], sc[9], sc[10], sc[11], sc[12]
+    hpd = hess + wd                                    # with the old h: the noise's
+    g_hat = acc_g * inv_k                              # line 8
+    h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
+    extra = None
+    if g_out is not None:
+        h_hat_out = acc_nxg_out * inv_k / (sigma_out * sigma_out)    # line 9
+        g_hat = g_hat + a * g_out                      # line 10 (acc_g holds g_in - alpha g_out)
+        h_hat = h_hat - a * (h_hat_out - h_out)
+        if mean_term:                                  # line 14's extra term, weighted
+            extra = aw * (h_out - h_hat_out) * (mean - m_out)
+    momentum.copy_(b1 * momentum + c1 * g_hat)         # line 11
+    hess.copy_(b2 * hess + c2 * h_hat + c22 * (hess - h_hat) * (hess - h_hat) / hpd)   # line 12
+    num = momentum / debias + wd * mean                # lines 13-14
+    if extra is not None:
+        num = num + extra
+    u = num / (hess + wd)
+    if clip:
+        u = torch.clamp(u, -r, r)
+    mean.copy_(mean - lr * u)                          # line 15
+
+
+# ---------------------------------------------------------------------------- SVRG family
+def svrg_refresh(mean, acc_g, g_out, m_out, sc, first: bool):
+    """sc = [1/M, rho1, 1 - rho1]."""
+    g_hat = acc_g * sc[0]
+    if first:
+        g_out.copy_(g_hat)
+    else:
+        g_out.copy_(sc[1] * g_out + sc[2] * g_hat)
+    m_out.copy_(mean)
+
+
+def sgd_update(mean, acc_g, momentum_buffer, sc, g_out=None, first: bool = False,
+               momentum: bool = False):
+    """torch.optim.SGD's update (no dampening). sc = [1/k, lr, wd, mu, alpha]."""
+    g = acc_g * sc[0]
+    if g_out is not None:
+        g = g + sc[4] * g_out
+    g = g + sc[2] * mean
+    if momentum:
+        buf = g if first else sc[3] * momentum_buffer + g
+        momentum_buffer.copy_(buf)
+        g = buf
+    mean.copy_(mean - sc[1] * g)
+
+
+def adamw_update(mean, acc_g, exp_avg, exp_avg_sq, sc, g_out=None):
+    """torch.optim.AdamW's update.
+
+    sc = [1/k, 1 - lr wd, beta1, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, sqrt(bc2), alpha]."""
+    g = acc_g * sc[0]
+    if g_out is not None:
+        g = g + sc[9] * g_out
+    m = mean * sc[1]
+    ea = sc[2] * exp_avg + sc[3] * g
+    eas = sc[4] * exp_avg_sq + sc[5] * g * g
+    exp_avg.copy_(ea)
+    exp_avg_sq.copy_(eas)
+    mean.copy_(m - sc[7] * ea / (eas.sqrt() / sc[8] + sc[6]))
