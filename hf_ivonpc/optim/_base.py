@@ -314,8 +314,11 @@ class FlatStateOptimizer(torch.optim.Optimizer):
         dst = self._views_of(gi, name, idx)
         if name not in self._written[gi]:
             self._written[gi].add(name)
-            if len(idx) == len(self._views[gi][name]) and other is None and alpha == 1.0:
-                torch._foreach_copy_(dst, src)
+            if len(idx) == len(self._views[gi][name]) and alpha == 1.0:
+                if other is None:
+                    torch._foreach_copy_(dst, src)
+                else:
+                    binary_out(torch.mul, dst, src, other)
                 return
             self._flat[gi][name].zero_()
         if other is None:
@@ -476,6 +479,19 @@ class FlatStateOptimizer(torch.optim.Optimizer):
                 ranges: list[slice]) -> None:
         """One step over the given ranges of a group's flat buffers (``k`` in-samples collected)."""
         raise NotImplementedError
+
+
+def binary_out(op, out: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    """out[i] = op(a[i], b[i]) in one pass over memory.
+
+    On CPU a loop of ``op(..., out=)`` (one kernel per tensor, as CPU foreach does internally)
+    reads and writes each element once; elsewhere two foreach kernels (copy, then in place)."""
+    if out and out[0].device.type == "cpu":
+        for o, x, y in zip(out, a, b):
+            op(x, y, out=o)
+        return
+    torch._foreach_copy_(out, a)
+    {torch.mul: torch._foreach_mul_, torch.add: torch._foreach_add_}[op](out, b)
 
 
 def _rank() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _kernels as K
-from ._base import check_nonneg, check_unit
+from ._base import binary_out, check_nonneg, check_unit
 from .ivon import IVON
 
 
@@ -91,8 +91,7 @@ class IVONPC(IVON):
             else:
                 self._draw_standard_normal(flat["noise"])
                 flat["noise"].mul_(flat["sigma_out"])
-            torch._foreach_copy_(group["params"], self._views[gi]["m_out"])
-            torch._foreach_add_(group["params"], self._views[gi]["noise"])
+            binary_out(torch.add, group["params"], self._views[gi]["m_out"], self._views[gi]["noise"])
         # the noise buffer now holds theta_out - m_out
         self._last_draw = "out"
 

@@ -17,7 +17,7 @@ import math
 import torch
 
 from . import _kernels as K
-from ._base import (FlatStateOptimizer, check_arg, check_beta, check_nonneg, check_positive,
+from ._base import (FlatStateOptimizer, binary_out, check_arg, check_beta, check_nonneg, check_positive,
                     check_unit)
 
 
@@ -86,9 +86,11 @@ class AlphaSVRG(FlatStateOptimizer):
             if sd > 0 and fresh:
                 self._draw_standard_normal(self._flat[gi]["noise"])
                 self._flat[gi]["noise"].mul_(sd)
-            if at == "out":
+            if at == "out" and sd > 0:
+                binary_out(torch.add, params, views["m_out"], views["noise"])
+            elif at == "out":
                 torch._foreach_copy_(params, views["m_out"])
-            if sd > 0:
+            elif sd > 0:
                 torch._foreach_add_(params, views["noise"])
 
     def _collect(self, gi, group, at, grads, idx):

@@ -1,16 +1,16 @@
-"""Convex L2-regularised logistic regression: the problems and training loops of the paper's Fig. 3.
+"""Convex L2-regularised logistic regression: the problems and training loops of Fig. 3.
 
-Every problem minimises, over ``w`` (a constant feature carries the bias, regularised like the rest)::
+Every problem minimises, over ``w`` (a constant feature carries the bias, regularised too)::
 
-    L(w) = 1/N sum_i log(1 + exp(-s_i x_i^T w)) + delta/2 ||w||^2          (s_i = +-1, float64)
+    L(w) = 1/N sum_i log(1 + exp(-s_i x_i^T w)) + delta/2 ||w||^2      (s_i = +-1, float64)
 
-The optimum comes from Newton's method. Methods are run with mini-batches of ``batch`` examples and a
-constant learning rate, and their cost is counted in epochs as the paper counts it: a full pass of the
-outer loop is 1 epoch, a plain inner step ``batch/N``, a corrected inner step ``2 batch/N`` (the
-mini-batch is evaluated at theta_in and at theta_out). Corrected methods refresh their outer
-statistics from the full training set every ``m = N/batch`` inner steps, so one outer iteration costs
-1 + 2 = 3 epochs. The full batch is split into micro-batches of ``micro`` examples, each evaluated at
-its own posterior draw (PAPER_NOTES, item 3).
+The optimum comes from Newton's method. Methods run with mini-batches of ``batch`` examples and a
+constant learning rate, and their cost is counted in epochs as the paper counts it: a full pass of
+the outer loop is 1 epoch, a plain inner step ``batch/N``, a corrected inner step ``2 batch/N``
+(the mini-batch is evaluated at theta_in and at theta_out). Corrected methods refresh their outer
+statistics from the full training set every ``m = N/batch`` inner steps, so one outer iteration
+costs 1 + 2 = 3 epochs. The full batch is split into micro-batches of ``micro`` examples, each
+evaluated at its own posterior draw (PAPER_NOTES, item 3).
 
 The training loss that is reported is always the full-batch ``L`` at the *mean* of the posterior
 (the parameters hold it outside ``sampled_params`` blocks).
@@ -341,8 +341,8 @@ def _closure(problem: Problem, w: torch.Tensor, idx: torch.Tensor, weight: float
 
 # ---------------------------------------------------------------------------------- tuning
 def score(tr: Trace, optimum: float, tol: float = TOL) -> tuple:
-    """Lower is better: reached the tolerance and still within it at the end, by epochs to reach it;
-    then runs that did not, by final loss; diverged runs last."""
+    """Lower is better: runs that reached the tolerance and are still within it at the end, by
+    epochs to reach it; then the other runs, by final loss; failed runs last."""
     if tr.diverged:
         return (2, 0.0, 0.0)
     final = tr.losses[-1]
@@ -362,10 +362,10 @@ GRID_MAX_EXTENSIONS = 3
 
 
 def tune(problem: Problem, method: str, epochs: float, seed: int, log=None, **run_kw):
-    """Best constant learning rate of ``method`` on ``problem``: a grid of 8 powers of 2 starting at
-    2**GRID_START[method], moved by 4 values towards an edge whenever the best value lies on it (at
-    most 3 times), the same rule for every method. Returns (best lr, {lr: (score, epochs_to_tol,
-    final loss)})."""
+    """Best constant learning rate of ``method`` on ``problem``: a grid of 8 powers of 2 from
+    2**GRID_START[method], moved by 4 values towards an edge whenever the best value lies on it
+    (at most 3 times), the same rule for every method. Returns (best lr, {lr: (score,
+    epochs_to_tol, final loss)})."""
     lo = GRID_START[method]
     exps = list(range(lo, lo + GRID_SIZE))
     table: dict[int, tuple] = {}
