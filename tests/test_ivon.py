@@ -21,11 +21,12 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+@pytest.mark.parametrize("samples", [1, 2])
 @pytest.mark.parametrize("kw", [
     dict(lr=0.1, ess=200.0, hess_init=0.5, beta2=0.999, weight_decay=1e-3, clip_radius=0.05),
     dict(lr=300.0, ess=1e4, hess_init=1e-3, beta2=0.99999, weight_decay=1e-6, clip_radius=1e-3),
 ])
-def test_equals_ivon_opt_on_the_same_noise(kw, monkeypatch):
+def test_equals_ivon_opt_on_the_same_noise(kw, samples, monkeypatch):
     x, y = make_data(dtype=torch.float32)
     a, b = _model(), _model()
     theirs = ivon_opt.IVON(a.parameters(), **kw)
@@ -36,7 +37,7 @@ def test_equals_ivon_opt_on_the_same_noise(kw, monkeypatch):
     for step in range(40):
         xb, yb = x[step % 8 * 8:(step % 8 + 1) * 8], y[step % 8 * 8:(step % 8 + 1) * 8]
         for model, opt in ((a, theirs), (b, ours)):
-            for _ in range(2):  # two MC samples per step
+            for _ in range(samples):  # MC samples per step
                 with opt.sampled_params(train=True):
                     opt.zero_grad()
                     torch.nn.functional.cross_entropy(model(xb), yb).backward()

@@ -34,6 +34,7 @@ def _close(a, b, rtol=1e-10):
 
 @pytest.mark.parametrize("shared_noise,micro,fused", [
     (True, 1, False), (False, 1, False), (True, 3, False), (False, 3, False), (True, 3, True),
+    (True, 1, True),
 ])
 def test_fast_equals_reference(shared_noise, micro, fused):
     x, y = make_data()

@@ -117,9 +117,9 @@ def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc,
     sigma_out.copy_((hpd * ess).rsqrt())
 
 
-def ivon_update(mean, momentum, hess, acc_g, acc_nxg, sc, g_out=None, h_out=None, m_out=None,
-                sigma_out=None, acc_nxg_out=None, price: bool = True, clip: bool = True,
-                mean_term: bool = False):
+def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out=None,
+                h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, price: bool = True,
+                clip: bool = True, mean_term: bool = False):
     """One IVON(-PCM) step, Alg. 4 lines 8-16. The correction is used when ``g_out`` is given.
 
     sc = [1/k, beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2)^2 / 2, wd, ess/k, debias,
@@ -128,6 +128,8 @@ def ivon_update(mean, momentum, hess, acc_g, acc_nxg, sc, g_out=None, h_out=None
     inv_k, b1, c1, b2, c2, c22, wd, ess_k = sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]
     debias, lr, r, a, aw = sc[8], sc[9], sc[10], sc[11], sc[12]
     hpd = hess + wd                                    # with the old h: the noise's
+    if noise is not None:
+        acc_nxg = noise * acc_g
     g_hat = acc_g * inv_k                              # line 8
     h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
     extra = None

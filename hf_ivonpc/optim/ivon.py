@@ -96,21 +96,42 @@ class IVON(FlatStateOptimizer):
                   [group["ess"], group["weight_decay"]])
 
     def _draw(self, at: str) -> None:
+        self._materialize_nxg()
         for gi, group in enumerate(self.param_groups):
             self._draw_noise(gi, group)
             torch._foreach_add_(group["params"], self._views[gi]["noise"])
 
     def _collect(self, gi, group, at, grads, idx):
+        # A step's first and only in-sample (the common case) leaves noise x grad unformed: the
+        # update kernel forms it from `noise` and `acc_g` (one pass over memory less). It is
+        # formed here if anything else comes first (another draw, a sync).
+        lazy = (at == "in" and self.hess_approx == "price" and "acc_g" not in self._written[gi]
+                and len(idx) == len(group["params"]))
         self._acc(gi, "acc_g", idx, grads)
-        if self.hess_approx == "price":
+        if lazy:
+            self._written[gi].add("acc_nxg")
+            self._nxg_pending[gi] = True
+        elif self.hess_approx == "price":
             self._acc(gi, "acc_nxg", idx, self._views_of(gi, "noise", idx), grads)
         else:
             self._acc(gi, "acc_nxg", idx, grads, grads)
+
+    def _reset_accumulators(self) -> None:
+        super()._reset_accumulators()
+        self._nxg_pending = [False] * len(self.param_groups)
+
+    def _materialize_nxg(self) -> None:
+        for gi, pending in enumerate(self._nxg_pending):
+            if pending:
+                flat = self._flat[gi]
+                torch.mul(flat["noise"], flat["acc_g"], out=flat["acc_nxg"])
+                self._nxg_pending[gi] = False
 
     def _before_update(self) -> None:
         if self.sync and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             for flat in self._flat:
+                self._materialize_nxg()
                 for name in self._synced_buffers():
                     dist.all_reduce(flat[name])
                     flat[name].div_(world)
@@ -131,7 +152,9 @@ class IVON(FlatStateOptimizer):
                    group["weight_decay"], group["ess"] / k,
                    1.0 - b1 ** group["step"] if self.debias else 1.0, self._step_size(group),
                    r if r != float("inf") else 0.0, a, a * group.get("mean_term_weight", 0.0)]
-        names = ["mean", "momentum", "hess", "acc_g", "acc_nxg"]
+        names = ["mean", "momentum", "hess", "acc_g"]
+        gi = next(i for i, f in enumerate(self._flat) if f is flat)
+        names.append("noise" if self._nxg_pending[gi] else "acc_nxg")
         if use_correction:
             names += ["g_out", "h_out", "m_out", "sigma_out", "acc_nxg_out"]
         self._run(K.ivon_update, {n: flat[n] for n in names}, scalars, ranges,

@@ -82,6 +82,7 @@ class IVONPC(IVON):
     def _draw(self, at: str) -> None:
         if at != "out":
             return super()._draw(at)
+        self._materialize_nxg()  # acc_g is about to receive the outer gradients
         for gi, group in enumerate(self.param_groups):
             flat = self._flat[gi]
             if self.shared_noise:  # eps = noise / sigma_in, reused: noise_out = eps * sigma_out
