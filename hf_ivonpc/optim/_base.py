@@ -84,7 +84,30 @@ def _default_chunk(device: torch.device) -> int:
     return 1 << 16 if device.type == "cpu" else 1 << 62
 
 
-class FlatStateOptimizer(torch.optim.Optimizer):
+class CorrectionSchedule:
+    """When to refresh and when to correct, from ``self._pc`` (step, refreshes, last_refresh),
+    ``start_step``, ``refresh_every`` and the subclass's ``correction_enabled``."""
+
+    @property
+    def global_step(self) -> int:
+        """Number of optimizer steps taken."""
+        return self._pc["step"]
+
+    @property
+    def needs_refresh(self) -> bool:
+        """True when the outer statistics must be refreshed before the next inner step."""
+        s = self._pc["step"]
+        return (self.correction_enabled and s >= self.start_step
+                and (s - self.start_step) % self.refresh_every == 0
+                and self._pc["last_refresh"] != s)
+
+    @property
+    def correction_active(self) -> bool:
+        """True when the next step needs the mini-batch evaluated at theta_out too."""
+        return self.correction_enabled and self._pc["refreshes"] > 0 and self._pc["step"] >= self.start_step
+
+
+class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
     """Base class: flat per-group state, a seedable generator, sampling and correction protocol.
 
     Subclasses set ``persistent_buffers`` (saved in ``state_dict``) and ``transient_buffers``
@@ -218,26 +241,8 @@ class FlatStateOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ the protocol
     @property
-    def global_step(self) -> int:
-        """Number of optimizer steps taken."""
-        return self._pc["step"]
-
-    @property
     def correction_enabled(self) -> bool:
         return self.corrects and any(g.get("alpha", 0.0) > 0 for g in self.param_groups)
-
-    @property
-    def needs_refresh(self) -> bool:
-        """True when the outer statistics must be refreshed before the next inner step."""
-        s = self._pc["step"]
-        return (self.correction_enabled and s >= self.start_step
-                and (s - self.start_step) % self.refresh_every == 0
-                and self._pc["last_refresh"] != s)
-
-    @property
-    def correction_active(self) -> bool:
-        """True when the next step needs the mini-batch evaluated at theta_out too."""
-        return self.correction_enabled and self._pc["refreshes"] > 0 and self._pc["step"] >= self.start_step
 
     def _reset_accumulators(self) -> None:
         self._count = {r: 0 for r in SAMPLE_ROLES}

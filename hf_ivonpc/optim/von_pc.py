@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ._base import check_arg, check_int_min, check_nonneg, check_positive, check_unit
+from ._base import CorrectionSchedule, check_arg, check_int_min, check_nonneg, check_positive, check_unit
 
 #: the per-group hyperparameters; VON-PC has one posterior over all parameters, so every group
 #: must hold the same values (read from ``param_groups[0]``)
@@ -54,7 +54,7 @@ def _check_hparams(h: dict, pre: str = "") -> None:
     check_nonneg(pre + "mean_term_weight", h["mean_term_weight"])
 
 
-class VONPC(torch.optim.Optimizer):
+class VONPC(CorrectionSchedule, torch.optim.Optimizer):
     r"""Variational Online Newton with Posterior Correction over ``q = N(m, S^{-1})``.
 
     Notation: ``N = ess``, ``delta = prior_precision``, ``a = alpha``, ``w = mean_term_weight``;
@@ -261,26 +261,8 @@ class VONPC(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ protocol
     @property
-    def global_step(self) -> int:
-        """Number of inner steps taken."""
-        return self._pc["step"]
-
-    @property
     def correction_enabled(self) -> bool:
         return self.param_groups[0]["alpha"] > 0
-
-    @property
-    def needs_refresh(self) -> bool:
-        """True when the outer statistics must be refreshed before the next inner step."""
-        s = self._pc["step"]
-        return (self.correction_enabled and s >= self.start_step
-                and (s - self.start_step) % self.refresh_every == 0
-                and self._pc["last_refresh"] != s)
-
-    @property
-    def correction_active(self) -> bool:
-        """True when the next step evaluates the closure at theta_out too (corrected step)."""
-        return self.correction_enabled and self._pc["refreshes"] > 0 and self._pc["step"] >= self.start_step
 
     # --------------------------------------------------------- flat parameters
     def _get_flat(self) -> torch.Tensor:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .._kernels import standard_normal_
+from ._noise import standard_normal_per_param
 
 
 def svrg(grad_i, theta, N, m, eta, outer_iters, pick):
@@ -77,15 +77,7 @@ class AlphaSVRG:
         return any(g["alpha"] > 0 for g in self.param_groups) and self.refreshes > 0 and self.t >= self.start_step
 
     def _standard_normal(self):
-        eps = []
-        for group in self.param_groups:
-            n = sum(p.numel() for p in group["params"])
-            flat = standard_normal_(torch.empty(n, dtype=group["params"][0].dtype), self.generator)
-            off = 0
-            for p in group["params"]:
-                eps.append(flat[off:off + p.numel()].view_as(p))
-                off += p.numel()
-        return eps
+        return standard_normal_per_param(self.param_groups, self.generator)
 
     @contextmanager
     def sampled_params(self, train=False, at="in"):
