@@ -286,10 +286,12 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             self._write_params()
             raise
         self._sampling = None
-        if train:
-            with torch.no_grad():
-                self._collect_role(at)
-        self._write_params()
+        try:
+            if train:
+                with torch.no_grad():
+                    self._collect_role(at)
+        finally:
+            self._write_params()
 
     def _collect_role(self, at: str) -> None:
         for gi, group in enumerate(self.param_groups):

@@ -130,8 +130,8 @@ class IVON(FlatStateOptimizer):
     def _before_update(self) -> None:
         if self.sync and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
+            self._materialize_nxg()
             for flat in self._flat:
-                self._materialize_nxg()
                 for name in self._synced_buffers():
                     dist.all_reduce(flat[name])
                     flat[name].div_(world)
