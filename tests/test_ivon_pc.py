@@ -185,3 +185,35 @@ def test_correction_reduces_gradient_variance_at_the_snapshot():
     g_hat = opt._flat[0]["acc_g"] + opt._flat[0]["g_out"]
     assert torch.allclose(g_hat, opt._flat[0]["g_out"], atol=1e-12)
     opt.step()
+
+
+def test_sum_reduction_of_scaled_parts_matches_one_big_batch():
+    """Gradient accumulation as Trainer does it: K parts of a window, each loss scaled by 1/K and
+    summed ("sum"), give the window's gradient; with negligible noise the step equals one batch of
+    K times the size. With "mean" the same parts would give a K times smaller gradient."""
+    x, y = make_data()
+    kw = {**HP, "ess": 1e28}   # sigma ~ 1e-14: the draws do not move the gradients
+    runs = {}
+    for mode in ("one", "sum", "mean"):
+        p = make_params()
+        opt = IVON(p, **kw, seed=0)
+        if mode == "one":
+            with opt.sampled_params(train=True):
+                loss_fn(p, x[:16], y[:16]).backward()
+        else:
+            opt.grad_reduction = mode
+            for part in torch.arange(16).chunk(4):
+                with opt.sampled_params(train=True):
+                    (loss_fn(p, x[part], y[part]) / 4).backward()
+            assert opt.collected == 4
+        opt.step()
+        runs[mode] = opt._flat[0]["momentum"].clone()
+    assert torch.allclose(runs["sum"], runs["one"], rtol=1e-10, atol=1e-14)
+    assert torch.allclose(runs["mean"] * 4, runs["one"], rtol=1e-10, atol=1e-14)
+    p = make_params()
+    opt = IVON(p, **kw)
+    opt.grad_reduction = "avg"
+    with opt.sampled_params(train=True):
+        loss_fn(p, x[:4], y[:4]).backward()
+    with pytest.raises(ValueError, match="grad_reduction='avg' is invalid"):
+        opt.step()

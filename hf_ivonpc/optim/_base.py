@@ -154,6 +154,11 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self._dtype = torch.float64 if pdtype == torch.float64 else torch.float32
         self._chunk = chunk_size or _default_chunk(self._device)
         self.fused = fused
+        #: how the micro-batches collected for one step combine: "mean" (each gradient is a full
+        #: estimate, as in a plain loop or with MC samples) or "sum" (each is a part of the window's
+        #: gradient, already scaled as Trainer scales losses for gradient accumulation; noise x grad
+        #: pairs are summed the same way, which weights each draw by its share of the window)
+        self.grad_reduction = "mean"
         self.refresh_every = refresh_every
         self.start_step = start_step
         self.shared_noise = shared_noise
@@ -240,6 +245,11 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self._record_param_versions()
 
     # ------------------------------------------------------------ the protocol
+    @property
+    def collected(self) -> int:
+        """Micro-batches evaluated at theta_in since the last step."""
+        return self._count["in"]
+
     @property
     def correction_enabled(self) -> bool:
         return self.corrects and any(g.get("alpha", 0.0) > 0 for g in self.param_groups)
@@ -376,6 +386,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 with torch.enable_grad():
                     losses.append(closure())
             loss = sum(losses) / n
+        check_arg("grad_reduction", self.grad_reduction, self.grad_reduction in ("mean", "sum"),
+                  "'mean' or 'sum'")
         k = self._count["in"]
         if k == 0:
             raise ValueError("step() with no collected gradients: evaluate the loss inside "
@@ -398,7 +410,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                     if s:
                         ranges.append(slice(off, off + p.numel()))
                     off += p.numel()
-            self._update(self._flat[gi], group, k, use_correction, ranges)
+            self._update(self._flat[gi], group, k if self.grad_reduction == "mean" else 1,
+                         use_correction, ranges)
         self._write_params()
         self._reset_accumulators()
         self._last_draw = None
