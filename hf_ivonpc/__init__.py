@@ -3,4 +3,14 @@
 from .optim import IVON, IVONPC
 
 __version__ = "0.1.0"
-__all__ = ["IVON", "IVONPC", "__version__"]
+__all__ = ["IVON", "IVONPC", "PCTrainer", "PCTrainingArguments", "__version__"]
+
+
+def __getattr__(name):  # transformers is imported only when the trainer is used
+    if name == "PCTrainer":
+        from .trainer import PCTrainer
+        return PCTrainer
+    if name == "PCTrainingArguments":
+        from .args import PCTrainingArguments
+        return PCTrainingArguments
+    raise AttributeError(name)

@@ -1,0 +1,172 @@
+"""PCTrainer: transformers.Trainer training with IVON, IVON-PCM or alpha-SVRG.
+
+Changing ``Trainer``/``TrainingArguments`` to ``PCTrainer``/``PCTrainingArguments`` is the whole
+change. Per micro-batch, ``training_step`` runs Trainer's own step (same loss, same gradient-
+accumulation scaling, same backward) inside ``sampled_params``: at theta_in, and from
+``pc_start_step`` on also at theta_out with the random state replayed, so that dropout is the
+same in both passes. Before the first micro-batch of a step that needs it, the outer statistics
+are refreshed from ``pc_megabatch_factor`` mini-batches drawn at random from the training set by
+a seeded sampler of its own.
+
+Status: single process (CPU or one GPU). Still to come (see the trainer issue): multi-GPU noise
+and statistics sharing, ``max_grad_norm`` applied inside the optimizer, posterior-predictive
+evaluation, saving the mega-batch sampler's state for an exact resume.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from transformers import Trainer
+
+from .args import PCTrainingArguments
+from .optim import IVON, IVONPC, AlphaSVRG, MegaBatchSampler
+from .optim._base import FlatStateOptimizer
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.random.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+class PCTrainer(Trainer):
+    """A ``Trainer`` whose optimizer is IVON, IVON-PCM or alpha-SVRG (``args.pc_method``)."""
+
+    args: PCTrainingArguments
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, PCTrainingArguments):
+            raise ValueError(f"args is a {type(self.args).__name__}: PCTrainer needs PCTrainingArguments")
+        self._mega_sampler: MegaBatchSampler | None = None
+        self._pc_logs: dict[str, float] = {}
+        if self.args.corrects and self.train_dataset is not None:
+            self._check_megabatch(self.train_dataset)
+
+    # ------------------------------------------------------------------ optimizer
+    def _micro_batches_per_step(self) -> int:
+        return self.args.gradient_accumulation_steps
+
+    def _check_megabatch(self, dataset) -> None:
+        if not hasattr(dataset, "__len__"):
+            raise ValueError("pc_method needs a mega-batch sampled from the training set, but the "
+                             "train_dataset has no length (an iterable dataset): use a map-style "
+                             "dataset or pc_method='ivon'")
+        per_step = self.args.per_device_train_batch_size * self._micro_batches_per_step()
+        need = self.args.pc_megabatch_factor * per_step
+        if need > len(dataset):
+            raise ValueError(f"pc_megabatch_factor={self.args.pc_megabatch_factor} is invalid: the "
+                             f"mega-batch ({need} examples) exceeds the {len(dataset)} training "
+                             f"examples; accepted range is [1, {len(dataset) // per_step}]")
+
+    def create_optimizer(self, model=None):
+        args = self.args
+        if self.optimizer is not None or args.pc_method == "none":
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        common = dict(refresh_every=args.pc_refresh_steps, start_step=args.pc_start_step,
+                      shared_noise=args.pc_shared_noise, seed=args.seed)
+        if args.pc_method == "alpha_svrg":
+            base = "sgd" if "sgd" in str(args.optim) else "adamw"
+            self.optimizer = AlphaSVRG(groups, lr=args.learning_rate, alpha=args.pc_alpha, base=base,
+                                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                       rho1=args.pc_rho1, **common)
+            return self.optimizer
+        ess = args.ivon_ess if args.ivon_ess is not None else float(len(self.train_dataset))
+        kw = dict(lr=args.learning_rate, ess=ess, hess_init=args.ivon_hess_init,
+                  beta1=args.ivon_beta1, beta2=args.ivon_beta2, clip_radius=args.ivon_clip_radius,
+                  rescale_lr=False, seed=args.seed)
+        if args.pc_method == "ivon":
+            self.optimizer = IVON(groups, **kw)
+        else:
+            kw.pop("seed")
+            self.optimizer = IVONPC(groups, **kw, alpha=args.pc_alpha, rho1=args.pc_rho1,
+                                    rho2=args.pc_rho2, mean_term_weight=args.pc_mean_term_weight,
+                                    **common)
+        return self.optimizer
+
+    @property
+    def pc_optimizer(self) -> FlatStateOptimizer | None:
+        """Our optimizer, unwrapped from Accelerate's ``AcceleratedOptimizer``."""
+        opt = getattr(self.optimizer, "optimizer", self.optimizer)
+        return opt if isinstance(opt, FlatStateOptimizer) else None
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = self.pc_optimizer
+        if opt is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Trainer scales each micro-batch's loss for accumulation: the parts add up
+        opt.grad_reduction = "sum"
+        if opt.collected == 0 and opt.needs_refresh:
+            self._refresh(model, opt)
+        state = _rng_state()
+        with opt.sampled_params(train=True):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        if opt.correction_active:
+            _set_rng_state(state)
+            with opt.sampled_params(train=True, at="out"):
+                super().training_step(model, inputs, num_items_in_batch)
+        return loss
+
+    def _train_examples(self) -> Dataset:
+        ds = self.train_dataset
+        try:
+            import datasets
+            if isinstance(ds, datasets.Dataset):
+                ds = self._remove_unused_columns(ds, description="mega-batch")
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            pass
+        return ds
+
+    def _refresh(self, model, opt: FlatStateOptimizer) -> None:
+        """Outer statistics from a mega-batch (Alg. 4 lines 3-5): each micro-batch its own draw."""
+        ds = self._train_examples()
+        if self._mega_sampler is None:
+            self._check_megabatch(ds)
+            self._mega_sampler = MegaBatchSampler(
+                len(ds), self.args.per_device_train_batch_size,
+                self.args.pc_megabatch_factor * self._micro_batches_per_step(), seed=self.args.seed)
+        model.train()
+        losses = []
+        with opt.refreshing():
+            for idx in self._mega_sampler.sample():
+                batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
+                with opt.sampled_params(train=True, at="mega"):
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, batch)
+                    self.accelerator.backward(loss)
+                losses.append(loss.detach().float())
+        flat = opt._flat
+        g_out = torch.sqrt(sum((f["g_out"].double() ** 2).sum() for f in flat))
+        self._pc_logs = {"pc/megabatch_loss": torch.stack(losses).mean().item(),
+                         "pc/g_out_norm": g_out.item()}
+        if "h_out" in flat[0]:
+            self._pc_logs["pc/h_out_mean"] = torch.cat([f["h_out"] for f in flat]).mean().item()
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        opt = self.pc_optimizer
+        if opt is not None:
+            # Trainer's grad_norm is measured after training_step, when our optimizer has already
+            # consumed the gradients: it would read 0
+            logs.pop("grad_norm", None)
+        if opt is not None and "loss" in logs:
+            if "hess" in opt._flat[0]:
+                h = torch.cat([f["hess"] for f in opt._flat])
+                sigma = torch.cat([s.flatten() for s in opt.posterior_std()])
+                logs.update({"pc/h_mean": h.mean().item(), "pc/h_min": h.min().item(),
+                             "pc/sigma_mean": sigma.mean().item()})
+            logs.update(self._pc_logs)
+            self._pc_logs = {}
+        super().log(logs, *args, **kwargs)

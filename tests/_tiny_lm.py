@@ -1,0 +1,31 @@
+"""A tiny GPT-2 on a small real text (this repository's README, character level)."""
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+TEXT = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+VOCAB = sorted(set(TEXT))
+
+
+class CharWindows(torch.utils.data.Dataset):
+    def __init__(self, split="train", block=32):
+        ids = torch.tensor([VOCAB.index(c) for c in TEXT])
+        cut = int(0.9 * len(ids))
+        ids = ids[:cut] if split == "train" else ids[cut:]
+        n = (len(ids) - 1) // block
+        self.windows = ids[: n * block].view(n, block)
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.windows[i], "labels": self.windows[i]}
+
+
+def tiny_gpt2(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(cfg)

@@ -1,0 +1,113 @@
+"""PCTrainer on a tiny GPT-2 over a small real text (first part of the trainer issue)."""
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from hf_ivonpc import PCTrainer, PCTrainingArguments
+
+from _tiny_lm import CharWindows, tiny_gpt2
+
+
+def _args(tmp_path, method, **over):
+    kw = dict(output_dir=str(tmp_path), pc_method=method, max_steps=40, learning_rate=0.05,
+              per_device_train_batch_size=8, gradient_accumulation_steps=2, logging_steps=10,
+              report_to=[], save_strategy="no", ivon_hess_init=0.1, ivon_clip_radius=float("inf"),
+              ivon_ess=1e4, pc_megabatch_factor=4, pc_refresh_steps=10, pc_mean_term_weight=0.01,
+              pc_start_step=10, disable_tqdm=True, use_cpu=True, seed=0)
+    if method in ("none", "alpha_svrg"):
+        kw["learning_rate"] = 3e-3
+    kw.update(over)
+    return PCTrainingArguments(**kw)
+
+
+@pytest.mark.parametrize("method", ["none", "ivon", "ivon_pcm", "alpha_svrg"])
+def test_every_method_lowers_the_loss(tmp_path, method):
+    trainer = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, method), train_dataset=CharWindows(),
+                        eval_dataset=CharWindows("val"))
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before - 0.5, (before, after)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if method in ("ivon", "ivon_pcm"):
+        assert "pc/sigma_mean" in logs[-1] and "grad_norm" not in logs[-1]
+    if method in ("ivon_pcm", "alpha_svrg"):   # refreshed from step 10 on, every 10 steps
+        assert trainer.pc_optimizer._pc["refreshes"] == 3
+        assert "pc/g_out_norm" in logs[-1]
+
+
+class _Snapshot(TrainerCallback):
+    def __init__(self, at_step):
+        self.at_step, self.params = at_step, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.at_step:
+            self.params = [p.detach().clone() for p in model.parameters()]
+
+
+def test_before_start_step_ivon_pcm_is_ivon_with_one_forward_per_micro_batch(tmp_path):
+    snaps, forwards = {}, {}
+    for method in ("ivon", "ivon_pcm"):
+        model = tiny_gpt2()
+        count = {"n": 0}
+        model.register_forward_pre_hook(lambda *a: count.__setitem__("n", count["n"] + 1))
+        snap = _Snapshot(8)
+        args = _args(tmp_path, method, max_steps=8 if method == "ivon" else 12, pc_start_step=8,
+                     lr_scheduler_type="constant")
+        trainer = PCTrainer(model=model, args=args, train_dataset=CharWindows(), callbacks=[snap])
+        trainer.train()
+        snaps[method] = snap.params
+        forwards[method] = count["n"]
+    for a, b in zip(snaps["ivon"], snaps["ivon_pcm"]):
+        assert torch.equal(a, b)
+    assert forwards["ivon"] == 8 * 2                 # one per micro-batch
+    # ivon_pcm: the same 16 before the start, then per step a refresh every 10 steps
+    # (4 x 2 micro-batches) plus two passes for each of 2 micro-batches: 16 + 8 + 4 x 4
+    assert forwards["ivon_pcm"] == 16 + 8 + 4 * 4
+
+
+def test_misuse_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="fp16=True is invalid.*bf16"):
+        _args(tmp_path, "ivon", fp16=True)
+    with pytest.raises(ValueError, match="pc_start_step=40 is invalid"):
+        _args(tmp_path, "ivon_pcm", pc_start_step=40)
+    with pytest.raises(ValueError, match="pc_method='adam' is invalid"):
+        _args(tmp_path, "adam")
+    with pytest.raises(ValueError, match="pc_rho1=2 is invalid"):
+        _args(tmp_path, "ivon_pcm", pc_rho1=2)
+    with pytest.raises(ValueError, match="pc_megabatch_factor=100 is invalid"):
+        PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon_pcm", pc_megabatch_factor=100),
+                  train_dataset=CharWindows())
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(CharWindows())
+    with pytest.raises(ValueError, match="iterable dataset"):
+        PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon_pcm"), train_dataset=Stream())
+
+
+class _CorrectionAtSnapshot(TrainerCallback):
+    """Right after a refresh m_in = m_out and sigma_in = sigma_out: with shared noise and the same
+    dropout masks theta_out = theta_in and both passes give the same gradient, so what the
+    optimizer collected, sum(g_in - alpha g_out), is zero."""
+
+    def __init__(self, trainer_ref):
+        self.trainer_ref, self.residual = trainer_ref, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        opt = self.trainer_ref[0].pc_optimizer
+        if state.global_step == args.pc_start_step:
+            acc = torch.cat([f["acc_g"] for f in opt._flat])
+            self.residual = (acc.abs().max() / torch.cat([f["g_out"] for f in opt._flat]).abs().max()).item()
+
+
+def test_both_passes_see_the_same_dropout(tmp_path):
+    ref = []
+    cb = _CorrectionAtSnapshot(ref)
+    trainer = PCTrainer(model=tiny_gpt2(dropout=0.3), args=_args(tmp_path, "ivon_pcm", max_steps=11,
+                                                                  pc_alpha=1.0),
+                        train_dataset=CharWindows(), callbacks=[cb])
+    ref.append(trainer)
+    trainer.train()
+    assert cb.residual is not None and cb.residual < 1e-6
