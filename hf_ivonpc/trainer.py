@@ -9,8 +9,8 @@ are refreshed from ``pc_megabatch_factor`` mini-batches drawn at random from the
 a seeded sampler of its own.
 
 Status: single process (CPU or one GPU). Still to come (see the trainer issue): multi-GPU noise
-and statistics sharing, ``max_grad_norm`` applied inside the optimizer, posterior-predictive
-evaluation, saving the mega-batch sampler's state for an exact resume.
+and statistics sharing, ``max_grad_norm`` applied inside the optimizer (Trainer's clipping sees
+no gradients: the optimizer has consumed them), posterior-predictive evaluation.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ class PCTrainer(Trainer):
         model.train()
         losses = []
         with opt.refreshing():
-            for idx in self._mega_sampler.sample():
+            # the optimizer's refresh count (in its state_dict) picks the mega-batch: a resumed
+            # run draws the same ones
+            for idx in self._mega_sampler.sample(index=opt._pc["refreshes"]):
                 batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
                 with opt.sampled_params(train=True, at="mega"):
                     with self.compute_loss_context_manager():

@@ -111,3 +111,29 @@ def test_both_passes_see_the_same_dropout(tmp_path):
     ref.append(trainer)
     trainer.train()
     assert cb.residual is not None and cb.residual < 1e-6
+
+
+def test_resume_between_two_refreshes_is_exact(tmp_path):
+    over = dict(max_steps=12, pc_start_step=4, pc_refresh_steps=4, save_strategy="steps",
+                save_steps=6, logging_steps=100)
+    full = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path / "a", "ivon_pcm", **over),
+                     train_dataset=CharWindows())
+    full.train()
+    first = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path / "b", "ivon_pcm", **{**over, "max_steps": 12}),
+                      train_dataset=CharWindows())
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 6:
+                control.should_training_stop = True
+    first.add_callback(Stop())
+    first.train()
+    resumed = PCTrainer(model=tiny_gpt2(seed=1), args=_args(tmp_path / "b", "ivon_pcm", **over),
+                        train_dataset=CharWindows())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-6"))
+    for p, q in zip(full.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q)
+    a, b = full.pc_optimizer, resumed.pc_optimizer
+    assert a._pc == b._pc and a._pc["refreshes"] == 2
+    for name in type(a).persistent_buffers:
+        assert torch.equal(a._flat[0][name], b._flat[0][name]), name

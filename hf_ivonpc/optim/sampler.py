@@ -27,10 +27,18 @@ class MegaBatchSampler:
                   f"an integer in [1, {num_examples // batch_size}] (the mega-batch, factor x "
                   f"batch_size = {factor * batch_size}, cannot exceed the {num_examples} examples)")
         self.num_examples, self.batch_size, self.factor = num_examples, batch_size, factor
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def sample(self) -> list[torch.Tensor]:
-        idx = torch.randperm(self.num_examples, generator=self.generator)[: self.factor * self.batch_size]
+    def sample(self, index: int | None = None) -> list[torch.Tensor]:
+        """The next mega-batch, as ``factor`` index tensors; with ``index`` the ``index``-th
+        mega-batch of this seed, drawn without touching the sampler's state (stateless: a resumed
+        run that knows how many refreshes it made draws the same ones)."""
+        gen = self.generator
+        if index is not None:
+            check_int_min("index", index, 0)
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        idx = torch.randperm(self.num_examples, generator=gen)[: self.factor * self.batch_size]
         return list(idx.split(self.batch_size))
 
     def state_dict(self) -> dict:
