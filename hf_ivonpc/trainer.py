@@ -9,8 +9,9 @@ are refreshed from ``pc_megabatch_factor`` mini-batches drawn at random from the
 a seeded sampler of its own.
 
 Status: single process (CPU or one GPU). Still to come (see the trainer issue): multi-GPU noise
-and statistics sharing, ``max_grad_norm`` applied inside the optimizer (Trainer's clipping sees
-no gradients: the optimizer has consumed them), posterior-predictive evaluation.
+and statistics sharing, posterior-predictive evaluation. ``max_grad_norm`` is applied inside the
+optimizer to each micro-batch's gradient at its share (Trainer's own clipping comes after
+``training_step``, when the optimizer has consumed the gradients).
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ class PCTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         # Trainer scales each micro-batch's loss for accumulation: the parts add up
         opt.grad_reduction = "sum"
+        # Trainer clips after training_step, when the gradients are consumed: clip each part
+        # inside the optimizer instead, at the part's share of max_grad_norm
+        ga = self.args.gradient_accumulation_steps
+        opt.max_grad_norm = self.args.max_grad_norm / ga if self.args.max_grad_norm else None
         if opt.collected == 0 and opt.needs_refresh:
             self._refresh(model, opt)
         state = _rng_state()
@@ -163,6 +168,8 @@ class PCTrainer(Trainer):
             # Trainer's grad_norm is measured after training_step, when our optimizer has already
             # consumed the gradients: it would read 0
             logs.pop("grad_norm", None)
+            if opt.last_grad_norm is not None:   # the last micro-batch's, at the window's scale
+                logs["pc/grad_norm"] = opt.last_grad_norm.item() * self.args.gradient_accumulation_steps
         if opt is not None and "loss" in logs:
             if "hess" in opt._flat[0]:
                 h = torch.cat([f["hess"] for f in opt._flat])

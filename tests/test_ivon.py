@@ -198,3 +198,21 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         c_params = make_params()
         c = IVON(c_params, lr=0.1, ess=100.0, fused=True)
         drive(c, c_params, 1, x, y)
+
+
+def test_max_grad_norm_clips_each_collected_gradient():
+    x, y = make_data()
+    runs = {}
+    for clip in (None, 1e-3):
+        p = make_params()
+        opt = IVON(p, lr=0.1, ess=1e28, beta1=0.0, seed=0)   # beta1 = 0: momentum is the gradient
+        opt.max_grad_norm = clip
+        with opt.sampled_params(train=True):
+            loss_fn(p, x, y).backward()
+        opt.step()
+        runs[clip] = (opt._flat[0]["momentum"].clone(), opt.last_grad_norm)
+    full, clipped = runs[None][0], runs[1e-3][0]
+    assert runs[None][1] is None and runs[1e-3][1] > 1e-2
+    norm = runs[1e-3][1].item()   # torch.nn.utils.clip_grad_norm_'s convention: max / (norm + 1e-6)
+    assert abs(clipped.norm().item() - 1e-3 * norm / (norm + 1e-6)) < 1e-12
+    assert torch.allclose(clipped / clipped.norm(), full / full.norm(), atol=1e-12)

@@ -159,6 +159,11 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         #: gradient, already scaled as Trainer scales losses for gradient accumulation; noise x grad
         #: pairs are summed the same way, which weights each draw by its share of the window)
         self.grad_reduction = "mean"
+        #: clip each collected micro-batch gradient to this global norm (None: no clipping); the
+        #: noise x grad pairs are formed from the clipped gradient. ``last_grad_norm`` holds the
+        #: norm of the last collected gradient before clipping (a tensor: no device sync).
+        self.max_grad_norm: float | None = None
+        self.last_grad_norm: torch.Tensor | None = None
         self.refresh_every = refresh_every
         self.start_step = start_step
         self.shared_noise = shared_noise
@@ -304,6 +309,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             self._write_params()
 
     def _collect_role(self, at: str) -> None:
+        self._clip_grads()
         for gi, group in enumerate(self.param_groups):
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not idx:
@@ -320,6 +326,19 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             for i in idx:
                 group["params"][i].grad = None
         self._count[at] += 1
+
+    def _clip_grads(self) -> None:
+        if self.max_grad_norm is None:
+            return
+        check_positive("max_grad_norm", self.max_grad_norm)
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(
+            [n.to(self._dtype) for n in torch._foreach_norm(grads)]))
+        self.last_grad_norm = norm
+        scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, scale.to(grads[0].dtype))
 
     def _views_of(self, gi: int, name: str, idx: list[int]) -> list[torch.Tensor]:
         v = self._views[gi][name]
