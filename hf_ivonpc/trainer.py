@@ -110,12 +110,14 @@ class PCTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         # Trainer scales each micro-batch's loss for accumulation: the parts add up
         opt.grad_reduction = "sum"
+        if opt.collected == 0 and opt.needs_refresh:
+            # mega-batch micro-batches are whole (unscaled) estimates: the full max_grad_norm
+            opt.max_grad_norm = self.args.max_grad_norm or None
+            self._refresh(model, opt)
         # Trainer clips after training_step, when the gradients are consumed: clip each part
         # inside the optimizer instead, at the part's share of max_grad_norm
         ga = self.args.gradient_accumulation_steps
         opt.max_grad_norm = self.args.max_grad_norm / ga if self.args.max_grad_norm else None
-        if opt.collected == 0 and opt.needs_refresh:
-            self._refresh(model, opt)
         state = _rng_state()
         with opt.sampled_params(train=True):
             loss = super().training_step(model, inputs, num_items_in_batch)

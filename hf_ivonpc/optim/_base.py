@@ -161,7 +161,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self.grad_reduction = "mean"
         #: clip each collected micro-batch gradient to this global norm (None: no clipping); the
         #: noise x grad pairs are formed from the clipped gradient. ``last_grad_norm`` holds the
-        #: norm of the last collected gradient before clipping (a tensor: no device sync).
+        #: norm of the last gradient collected at theta_in, before clipping (a tensor: no sync).
         self.max_grad_norm: float | None = None
         self.last_grad_norm: torch.Tensor | None = None
         self.refresh_every = refresh_every
@@ -309,7 +309,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             self._write_params()
 
     def _collect_role(self, at: str) -> None:
-        self._clip_grads()
+        self._clip_grads(record=at == "in")
         for gi, group in enumerate(self.param_groups):
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not idx:
@@ -327,7 +327,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 group["params"][i].grad = None
         self._count[at] += 1
 
-    def _clip_grads(self) -> None:
+    def _clip_grads(self, record: bool) -> None:
         if self.max_grad_norm is None:
             return
         check_positive("max_grad_norm", self.max_grad_norm)
@@ -336,7 +336,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             return
         norm = torch.linalg.vector_norm(torch.stack(
             [n.to(self._dtype) for n in torch._foreach_norm(grads)]))
-        self.last_grad_norm = norm
+        if record:
+            self.last_grad_norm = norm
         scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
 
