@@ -8,13 +8,17 @@ same in both passes. Before the first micro-batch of a step that needs it, the o
 are refreshed from ``pc_megabatch_factor`` mini-batches drawn at random from the training set by
 a seeded sampler of its own.
 
-Status: single process (CPU or one GPU). Still to come (see the trainer issue): multi-GPU noise
-and statistics sharing, posterior-predictive evaluation. ``max_grad_norm`` is applied inside the
+Several processes (``accelerate launch --multi_gpu``): every rank draws its own noise and pairs it
+with its own gradients; DDP's gradient all-reduce is switched off and the optimizer averages the
+paired statistics over ranks (``sync=True``), so all ranks take the same step. Still to come (see
+the trainer issue): posterior-predictive evaluation. ``max_grad_norm`` is applied inside the
 optimizer to each micro-batch's gradient at its share (Trainer's own clipping comes after
 ``training_step``, when the optimizer has consumed the gradients).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch.utils.data import Dataset
@@ -52,7 +56,8 @@ class PCTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
     def _micro_batches_per_step(self) -> int:
-        return self.args.gradient_accumulation_steps
+        """Micro-batches of per_device_train_batch_size in one optimizer step, over all ranks."""
+        return self.args.gradient_accumulation_steps * self.args.world_size
 
     def _check_megabatch(self, dataset) -> None:
         if not hasattr(dataset, "__len__"):
@@ -85,9 +90,12 @@ class PCTrainer(Trainer):
                                        rho1=args.pc_rho1, **common)
             return self.optimizer
         ess = args.ivon_ess if args.ivon_ess is not None else float(len(self.train_dataset))
+        # Several processes: each rank draws its own noise (seed + rank) and pairs it with its own
+        # gradients; the optimizer averages g and noise x g over ranks at step time (sync=True),
+        # and DDP's own all-reduce of gradients made with different noise is switched off.
         kw = dict(lr=args.learning_rate, ess=ess, hess_init=args.ivon_hess_init,
                   beta1=args.ivon_beta1, beta2=args.ivon_beta2, clip_radius=args.ivon_clip_radius,
-                  rescale_lr=False, seed=args.seed)
+                  rescale_lr=False, seed=args.seed, sync=args.world_size > 1)
         if args.pc_method == "ivon":
             self.optimizer = IVON(groups, **kw)
         else:
@@ -119,13 +127,19 @@ class PCTrainer(Trainer):
         ga = self.args.gradient_accumulation_steps
         opt.max_grad_norm = self.args.max_grad_norm / ga if self.args.max_grad_norm else None
         state = _rng_state()
-        with opt.sampled_params(train=True):
+        with self._local_gradients(model, opt), opt.sampled_params(train=True):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if opt.correction_active:
             _set_rng_state(state)
-            with opt.sampled_params(train=True, at="out"):
+            with self._local_gradients(model, opt), opt.sampled_params(train=True, at="out"):
                 super().training_step(model, inputs, num_items_in_batch)
         return loss
+
+    def _local_gradients(self, model, opt: FlatStateOptimizer):
+        """No DDP all-reduce where the optimizer reduces its paired statistics itself."""
+        if getattr(opt, "sync", False):
+            return self.accelerator.no_sync(model)
+        return contextlib.nullcontext()
 
     def _train_examples(self) -> Dataset:
         ds = self.train_dataset
@@ -150,9 +164,11 @@ class PCTrainer(Trainer):
         with opt.refreshing():
             # the optimizer's refresh count (in its state_dict) picks the mega-batch: a resumed
             # run draws the same ones
-            for idx in self._mega_sampler.sample(index=opt._pc["refreshes"]):
+            # each rank evaluates its share of the mega-batch's micro-batches
+            parts = self._mega_sampler.sample(index=opt._pc["refreshes"])
+            for idx in parts[self.args.process_index::self.args.world_size]:
                 batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
-                with opt.sampled_params(train=True, at="mega"):
+                with self._local_gradients(model, opt), opt.sampled_params(train=True, at="mega"):
                     with self.compute_loss_context_manager():
                         loss = self.compute_loss(model, batch)
                     self.accelerator.backward(loss)

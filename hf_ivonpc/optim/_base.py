@@ -386,6 +386,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             raise ValueError("refreshing() block collected no gradients: evaluate at least one "
                              'micro-batch with sampled_params(train=True, at="mega")')
         with torch.no_grad():
+            self._before_refresh()
             for gi, group in enumerate(self.param_groups):
                 self._finish_refresh(gi, group, self._flat[gi], first=self._pc["refreshes"] == 0)
         self._pc["refreshes"] += 1
@@ -504,6 +505,9 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
 
     def _before_update(self) -> None:
         """Hook run by step() after the checks, before the update (e.g. to all-reduce statistics)."""
+
+    def _before_refresh(self) -> None:
+        """Hook run at the end of refreshing(), before the outer statistics are formed."""
 
     # ------------------------------------------------------------ subclass API
     def _draw(self, at: str) -> None:

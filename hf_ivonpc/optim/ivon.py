@@ -128,11 +128,19 @@ class IVON(FlatStateOptimizer):
                 self._nxg_pending[gi] = False
 
     def _before_update(self) -> None:
+        self._all_reduce(self._synced_buffers())
+
+    def _before_refresh(self) -> None:
+        self._all_reduce(("acc_g", "acc_nxg"))
+
+    def _all_reduce(self, names) -> None:
+        """With ``sync``, average the collected statistics over ranks. Each rank has paired its
+        gradients with its own noise first, so the averaged Hessian estimate stays unbiased."""
         if self.sync and dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
             self._materialize_nxg()
             for flat in self._flat:
-                for name in self._synced_buffers():
+                for name in names:
                     dist.all_reduce(flat[name])
                     flat[name].div_(world)
 

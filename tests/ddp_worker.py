@@ -1,0 +1,47 @@
+"""Run by tests/test_trainer_ddp.py under `accelerate launch --multi_gpu --num_processes 2` (CPU,
+gloo) and alone: trains on 8 windows and saves what each rank holds."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _tiny_lm import CharWindows, tiny_gpt2  # noqa: E402
+
+from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
+
+
+class Eight(torch.utils.data.Dataset):
+    def __init__(self):
+        self.base = CharWindows()
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.base[i]
+
+
+def run(out: Path, method: str, steps: int, per_device: int, ess: float):
+    args = PCTrainingArguments(
+        output_dir=str(out / method), pc_method=method, max_steps=steps, learning_rate=0.05,
+        per_device_train_batch_size=per_device, ivon_hess_init=0.1, ivon_ess=ess,
+        ivon_clip_radius=float("inf"), pc_mean_term_weight=0.01, pc_start_step=1,
+        pc_refresh_steps=1, pc_megabatch_factor=1, max_grad_norm=0.0, report_to=[],
+        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant",
+        ddp_find_unused_parameters=False, dataloader_drop_last=True)
+    trainer = PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=Eight())
+    trainer.train()
+    opt = trainer.pc_optimizer
+    state = {"params": [p.detach().clone() for p in trainer.model.parameters()],
+             "flat": [{k: v.clone() for k, v in f.items()} for f in opt._flat],
+             "pc": dict(opt._pc), "world": args.world_size}
+    torch.save(state, out / f"{method}-rank{args.process_index}-of{args.world_size}.pt")
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    per_device = int(sys.argv[2])
+    run(out, "ivon", 1, per_device, ess=1e28)        # one step: the averaged gradient
+    run(out, "ivon_pcm", 4, per_device, ess=1e3)     # corrected steps with real noise
