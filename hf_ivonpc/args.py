@@ -47,6 +47,9 @@ class PCTrainingArguments(TrainingArguments):
                 "0.01 for CNNs and logistic regression)."})
     pc_shared_noise: bool = field(default=True, metadata={
         "help": "theta_out reuses theta_in's standard-normal draw (common random numbers)."})
+    eval_mc_samples: int = field(default=0, metadata={
+        "help": "0: evaluate at the posterior mean; k > 0: the posterior predictive, output "
+                "probabilities averaged over k draws (ivon and ivon_pcm)."})
 
     def __post_init__(self):
         if self.pc_method not in PC_METHODS:
@@ -78,6 +81,11 @@ class PCTrainingArguments(TrainingArguments):
                 raise _bad(name, v, "an integer >= 1")
         if not (isinstance(self.pc_start_step, int) and self.pc_start_step >= 0):
             raise _bad("pc_start_step", self.pc_start_step, "an integer >= 0")
+        if not (isinstance(self.eval_mc_samples, int) and self.eval_mc_samples >= 0):
+            raise _bad("eval_mc_samples", self.eval_mc_samples, "an integer >= 0")
+        if self.eval_mc_samples and not variational:
+            raise _bad("eval_mc_samples", self.eval_mc_samples,
+                       f"0 with pc_method={self.pc_method!r} (only IVON methods have a posterior)")
         if not self.pc_mean_term_weight >= 0:
             raise _bad("pc_mean_term_weight", self.pc_mean_term_weight, "a number >= 0")
         if (self.pc_method in ("ivon_pcm", "alpha_svrg") and self.max_steps > 0

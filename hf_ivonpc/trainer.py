@@ -11,7 +11,7 @@ a seeded sampler of its own.
 Several processes (``accelerate launch --multi_gpu``): every rank draws its own noise and pairs it
 with its own gradients; DDP's gradient all-reduce is switched off and the optimizer averages the
 paired statistics over ranks (``sync=True``), so all ranks take the same step. Still to come (see
-the trainer issue): posterior-predictive evaluation. ``max_grad_norm`` is applied inside the
+the trainer issue): FSDP. ``max_grad_norm`` is applied inside the
 optimizer to each micro-batch's gradient at its share (Trainer's own clipping comes after
 ``training_step``, when the optimizer has consumed the gradients).
 """
@@ -179,6 +179,60 @@ class PCTrainer(Trainer):
                          "pc/g_out_norm": g_out.item()}
         if "h_out" in flat[0]:
             self._pc_logs["pc/h_out_mean"] = torch.cat([f["h_out"] for f in flat]).mean().item()
+
+    # ------------------------------------------------------------------ evaluation
+    def _is_causal_lm(self, model) -> bool:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        model = self.accelerator.unwrap_model(model)
+        base = getattr(model, "get_base_model", lambda: model)()   # peft
+        return type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """With ``eval_mc_samples = k > 0``: the posterior predictive. Output probabilities are
+        averaged over k draws; the loss is its negative log-likelihood (per token for causal LMs,
+        so ``exp(eval_loss)`` is the predictive perplexity) and the returned logits are its log
+        probabilities. The draws come from a generator of their own, seeded per evaluation, so
+        evaluating does not change the training noise."""
+        k = self.args.eval_mc_samples
+        opt = self.pc_optimizer
+        if k == 0 or opt is None or not hasattr(opt, "posterior_std"):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        feed = {name: v for name, v in inputs.items() if name != "labels"}
+        train_generator = opt.generator
+        opt.generator = torch.Generator(device=train_generator.device).manual_seed(
+            self.args.seed + 7919 * (self.state.global_step + 1) + self.args.process_index)
+        try:
+            with torch.no_grad():
+                probs = None
+                for _ in range(k):
+                    with opt.sampled_params():
+                        out = model(**feed)
+                    logits = out["logits"] if isinstance(out, dict) else out[0]
+                    p = logits.float().softmax(-1)
+                    probs = p if probs is None else probs.add_(p)
+        finally:
+            opt.generator = train_generator
+        logp = probs.div_(k).clamp_min_(1e-30).log_()
+        loss = None
+        if labels is not None:
+            lp, lab = logp, labels
+            if self._is_causal_lm(model):
+                lp, lab = logp[..., :-1, :], labels[..., 1:]
+            loss = torch.nn.functional.nll_loss(lp.reshape(-1, lp.shape[-1]), lab.reshape(-1),
+                                                ignore_index=-100)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logp, labels
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        metrics = super().evaluate(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        if f"{prefix}_loss" in metrics and self._is_causal_lm(self.model):
+            import math
+            metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 700.0))
+        return metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         opt = self.pc_optimizer

@@ -157,3 +157,30 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, method):
         momentum[bs] = torch.cat([f["momentum"] for f in opt._flat])
     assert momentum[8].abs().max() > 1e-4
     assert torch.allclose(momentum[8], momentum[2], rtol=1e-4, atol=1e-7)
+
+
+def test_posterior_predictive_evaluation_leaves_training_alone(tmp_path):
+    """Evaluating during training (Trainer's own loop draws from the global RNG, so dropout
+    differs from a run without evaluation) gives the same training with the predictive as with
+    the mean: the predictive draws from a generator of its own."""
+    finals, evals = {}, {}
+    for mc in (0, 3):
+        args = _args(tmp_path / str(mc), "ivon_pcm", max_steps=20, eval_mc_samples=mc,
+                     eval_strategy="steps", eval_steps=5)
+        trainer = PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows(),
+                            eval_dataset=CharWindows("val"))
+        trainer.train()
+        finals[mc] = [p.detach().clone() for p in trainer.model.parameters()]
+        evals[mc] = (trainer.evaluate(), trainer.evaluate())
+    for a, b in zip(finals[0], finals[3]):   # four predictive evaluations changed nothing
+        assert torch.equal(a, b)
+    mean_eval, (pred_a, pred_b) = evals[0][0], evals[3]
+    assert pred_a["eval_loss"] == pred_b["eval_loss"]          # seeded per evaluation
+    assert pred_a["eval_loss"] != mean_eval["eval_loss"]       # the draws do change the prediction
+    assert abs(pred_a["eval_loss"] - mean_eval["eval_loss"]) < 0.5
+    assert pred_a["eval_perplexity"] == pytest.approx(torch.tensor(pred_a["eval_loss"]).exp().item())
+
+
+def test_eval_mc_samples_needs_a_posterior(tmp_path):
+    with pytest.raises(ValueError, match="eval_mc_samples=2 is invalid"):
+        _args(tmp_path, "alpha_svrg", eval_mc_samples=2)
