@@ -88,6 +88,8 @@ class PCTrainer(Trainer):
             self.optimizer = AlphaSVRG(groups, lr=args.learning_rate, alpha=args.pc_alpha, base=base,
                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                        rho1=args.pc_rho1, **common)
+            # the optimizer consumes each micro-batch's gradient: it averages them over ranks
+            self.optimizer.sync = args.world_size > 1
             return self.optimizer
         ess = args.ivon_ess if args.ivon_ess is not None else float(len(self.train_dataset))
         # Several processes: each rank draws its own noise (seed + rank) and pairs it with its own
@@ -137,7 +139,7 @@ class PCTrainer(Trainer):
 
     def _local_gradients(self, model, opt: FlatStateOptimizer):
         """No DDP all-reduce where the optimizer reduces its paired statistics itself."""
-        if getattr(opt, "sync", False):
+        if opt.sync:
             return self.accelerator.no_sync(model)
         return contextlib.nullcontext()
 

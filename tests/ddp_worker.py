@@ -23,10 +23,12 @@ class Eight(torch.utils.data.Dataset):
         return self.base[i]
 
 
-def run(out: Path, method: str, steps: int, per_device: int, ess: float):
+def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumulation: int = 1):
     args = PCTrainingArguments(
-        output_dir=str(out / method), pc_method=method, max_steps=steps, learning_rate=0.05,
-        per_device_train_batch_size=per_device, ivon_hess_init=0.1, ivon_ess=ess,
+        output_dir=str(out / method), pc_method=method, max_steps=steps,
+        learning_rate=0.05 if method.startswith("ivon") else 3e-3,
+        per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        ivon_hess_init=0.1, ivon_ess=ess,
         ivon_clip_radius=float("inf"), pc_mean_term_weight=0.01, pc_start_step=1,
         pc_refresh_steps=1, pc_megabatch_factor=1, max_grad_norm=0.0, report_to=[],
         save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant",
@@ -36,6 +38,7 @@ def run(out: Path, method: str, steps: int, per_device: int, ess: float):
     opt = trainer.pc_optimizer
     state = {"params": [p.detach().clone() for p in trainer.model.parameters()],
              "flat": [{k: v.clone() for k, v in f.items()} for f in opt._flat],
+             "persistent": list(opt.persistent_buffers),
              "pc": dict(opt._pc), "world": args.world_size}
     torch.save(state, out / f"{method}-rank{args.process_index}-of{args.world_size}.pt")
 
@@ -45,3 +48,4 @@ if __name__ == "__main__":
     per_device = int(sys.argv[2])
     run(out, "ivon", 1, per_device, ess=1e28)        # one step: the averaged gradient
     run(out, "ivon_pcm", 4, per_device, ess=1e3)     # corrected steps with real noise
+    run(out, "alpha_svrg", 4, per_device // 2, ess=1e3, accumulation=2)

@@ -159,6 +159,9 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         #: gradient, already scaled as Trainer scales losses for gradient accumulation; noise x grad
         #: pairs are summed the same way, which weights each draw by its share of the window)
         self.grad_reduction = "mean"
+        #: average the collected statistics over ranks at each step and refresh (set it when each
+        #: rank evaluates its own micro-batches without DDP's gradient all-reduce)
+        self.sync = False
         #: clip each collected micro-batch gradient to this global norm (None: no clipping); the
         #: noise x grad pairs are formed from the clipped gradient. ``last_grad_norm`` holds the
         #: norm of the last gradient collected at theta_in, before clipping (a tensor: no sync).
@@ -504,10 +507,28 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         """Validate a parameter group's hyperparameters (before any state exists)."""
 
     def _before_update(self) -> None:
-        """Hook run by step() after the checks, before the update (e.g. to all-reduce statistics)."""
+        """Run by step() after the checks, before the update."""
+        self._all_reduce(self._synced_buffers())
 
     def _before_refresh(self) -> None:
-        """Hook run at the end of refreshing(), before the outer statistics are formed."""
+        """Run at the end of refreshing(), before the outer statistics are formed."""
+        self._all_reduce(self._refresh_buffers())
+
+    def _synced_buffers(self) -> tuple[str, ...]:
+        return ("acc_g",)
+
+    def _refresh_buffers(self) -> tuple[str, ...]:
+        return ("acc_g",)
+
+    def _all_reduce(self, names) -> None:
+        """With ``sync``, average the collected statistics over ranks (each rank has paired its
+        gradients with its own noise first, so a Hessian estimate stays unbiased)."""
+        if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            for flat in self._flat:
+                for name in names:
+                    torch.distributed.all_reduce(flat[name])
+                    flat[name].div_(world)
 
     # ------------------------------------------------------------ subclass API
     def _draw(self, at: str) -> None:

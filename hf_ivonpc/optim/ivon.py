@@ -11,7 +11,6 @@ mean included) whatever the parameters' dtype, so bf16 parameters do not freeze 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from . import _kernels as K
 from ._base import (FlatStateOptimizer, check_arg, check_beta, check_int_min, check_nonneg,
@@ -67,12 +66,12 @@ class IVON(FlatStateOptimizer):
                         weight_decay=weight_decay, clip_radius=clip_radius, mc_samples=mc_samples)
         defaults.update(_pc_defaults or {})
         self.hess_approx = hess_approx
-        self.sync = sync
         self.debias = debias
         self.rescale_lr = rescale_lr
         self.mc_samples = mc_samples
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
                          fused=fused, **pc_kwargs)
+        self.sync = sync
 
     def _check_group(self, group: dict, gi: int) -> None:
         pre = "" if gi == 0 else f"param_groups[{gi}]."
@@ -127,24 +126,15 @@ class IVON(FlatStateOptimizer):
                 torch.mul(flat["noise"], flat["acc_g"], out=flat["acc_nxg"])
                 self._nxg_pending[gi] = False
 
-    def _before_update(self) -> None:
-        self._all_reduce(self._synced_buffers())
-
-    def _before_refresh(self) -> None:
-        self._all_reduce(("acc_g", "acc_nxg"))
-
     def _all_reduce(self, names) -> None:
-        """With ``sync``, average the collected statistics over ranks. Each rank has paired its
-        gradients with its own noise first, so the averaged Hessian estimate stays unbiased."""
-        if self.sync and dist.is_available() and dist.is_initialized():
-            world = dist.get_world_size()
+        if self.sync:
             self._materialize_nxg()
-            for flat in self._flat:
-                for name in names:
-                    dist.all_reduce(flat[name])
-                    flat[name].div_(world)
+        super()._all_reduce(names)
 
     def _synced_buffers(self) -> tuple[str, ...]:
+        return ("acc_g", "acc_nxg")
+
+    def _refresh_buffers(self) -> tuple[str, ...]:
         return ("acc_g", "acc_nxg")
 
     # ------------------------------------------------------------------ update
