@@ -170,12 +170,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self.refresh_every = refresh_every
         self.start_step = start_step
         self.shared_noise = shared_noise
-        if generator is None:
-            generator = torch.Generator(device=self._device)
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator.manual_seed(seed + _rank())
-        self.generator = generator
+        self.generator = generator if generator is not None else make_generator(self._device, seed)
         self._pc = {"step": 0, "refreshes": 0, "last_refresh": -1}
         self._sampling: str | None = None
         self._refreshing = False
@@ -557,6 +552,14 @@ def binary_out(op, out: list[torch.Tensor], a: list[torch.Tensor], b: list[torch
         return
     torch._foreach_copy_(out, a)
     {torch.mul: torch._foreach_mul_, torch.add: torch._foreach_add_}[op](out, b)
+
+
+def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """The noise generator: seeded with ``seed + rank`` (a seed from the global RNG if None)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    return generator.manual_seed(seed + _rank())
 
 
 def _rank() -> int:

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ._base import CorrectionSchedule, check_arg, check_int_min, check_nonneg, check_positive, check_unit
+from ._base import (CorrectionSchedule, check_arg, check_int_min, check_nonneg, check_positive,
+                    check_unit, make_generator)
 
 #: the per-group hyperparameters; VON-PC has one posterior over all parameters, so every group
 #: must hold the same values (read from ``param_groups[0]``)
@@ -190,10 +191,7 @@ class VONPC(CorrectionSchedule, torch.optim.Optimizer):
         self.shared_noise = shared_noise
         self.keep_pd = keep_pd
         if generator is None:
-            generator = torch.Generator(device=self._device)
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator.manual_seed(seed)
+            generator = make_generator(self._device, seed)
         elif generator.device != self._device:
             raise ValueError(f"generator is on {generator.device}: accepted is a generator on the "
                              f"parameters' device {self._device}")
