@@ -184,3 +184,58 @@ def test_posterior_predictive_evaluation_leaves_training_alone(tmp_path):
 def test_eval_mc_samples_needs_a_posterior(tmp_path):
     with pytest.raises(ValueError, match="eval_mc_samples=2 is invalid"):
         _args(tmp_path, "alpha_svrg", eval_mc_samples=2)
+
+
+def test_lora_only_adapters_carry_a_posterior(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    base = tiny_gpt2(dropout=0.0)
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                            fan_in_fan_out=True, lora_dropout=0.0))
+    trainer = PCTrainer(model=model, args=_args(tmp_path, "ivon_pcm", max_steps=15),
+                        train_dataset=CharWindows())
+    trainer.train()
+    opt = trainer.pc_optimizer
+    covered = {id(p) for g in opt.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert covered == trainable and len(covered) == 4      # A and B of two c_attn adapters
+    assert sum(f["mean"].numel() for f in opt._flat) == sum(p.numel() for p in model.parameters()
+                                                             if p.requires_grad)
+    for n, p in model.base_model.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, frozen[n.replace("base_layer.", "")]), n
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert any(p.abs().max() > 0 for p in lora_b)           # the adapters learned (B starts at 0)
+
+
+def test_sequence_classifier_with_predictive_metrics(tmp_path):
+    from sklearn.datasets import load_digits
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from hf_ivonpc.metrics import classification_metrics
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.long) + 1
+    y = torch.tensor(digits.target)
+
+    class Digits(torch.utils.data.Dataset):
+        def __init__(self, lo, hi):
+            self.lo, self.hi = lo, hi
+
+        def __len__(self):
+            return self.hi - self.lo
+
+        def __getitem__(self, i):
+            return {"input_ids": x[self.lo + i], "labels": y[self.lo + i]}
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=18, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, num_labels=10))
+    args = _args(tmp_path, "ivon", max_steps=5, eval_mc_samples=4, per_device_eval_batch_size=64)
+    trainer = PCTrainer(model=model, args=args, train_dataset=Digits(0, 1500),
+                        eval_dataset=Digits(1500, 1797), compute_metrics=classification_metrics)
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert {"eval_accuracy", "eval_nll", "eval_ece", "eval_loss"} <= set(metrics)
+    assert "eval_perplexity" not in metrics
+    # the predictive's loss is the NLL of the averaged probabilities that the metrics see
+    assert metrics["eval_nll"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
