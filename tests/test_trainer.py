@@ -239,3 +239,29 @@ def test_sequence_classifier_with_predictive_metrics(tmp_path):
     assert "eval_perplexity" not in metrics
     # the predictive's loss is the NLL of the averaged probabilities that the metrics see
     assert metrics["eval_nll"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+
+
+def test_sequence_to_sequence_model_learns(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+    from _tiny_lm import VOCAB
+
+    class Copy(torch.utils.data.Dataset):   # copy a window of text
+        def __init__(self):
+            self.base = CharWindows(block=16)
+
+        def __len__(self):
+            return len(self.base)
+
+        def __getitem__(self, i):
+            ids = self.base[i]["input_ids"]
+            return {"input_ids": ids, "labels": ids}
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(
+        vocab_size=len(VOCAB), d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+        decoder_start_token_id=0, pad_token_id=0, dropout_rate=0.0))
+    trainer = PCTrainer(model=model, args=_args(tmp_path, "ivon_pcm", max_steps=40),
+                        train_dataset=Copy(), eval_dataset=Copy())
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < before - 0.5
+    assert trainer.pc_optimizer._pc["refreshes"] == 3
