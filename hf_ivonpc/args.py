@@ -25,7 +25,8 @@ class PCTrainingArguments(TrainingArguments):
                 "'alpha_svrg' (the correction over Trainer's own optim, AdamW or SGD) or 'none' "
                 "(plain Trainer)."})
     ivon_ess: float | None = field(default=None, metadata={
-        "help": "IVON's effective sample size kappa. Default: the number of training examples."})
+        "help": "IVON's effective sample size kappa. Default: the number of likelihood terms in the "
+                "training set (predicted tokens for language models, examples otherwise)."})
     ivon_hess_init: float = field(default=1e-3, metadata={"help": "Initial Hessian h0 (> 0)."})
     ivon_beta1: float = field(default=0.9, metadata={"help": "Momentum of the gradient, in [0, 1)."})
     ivon_beta2: float = field(default=0.99999, metadata={"help": "Momentum of the Hessian, in [0, 1)."})

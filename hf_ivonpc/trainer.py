@@ -91,7 +91,7 @@ class PCTrainer(Trainer):
             # the optimizer consumes each micro-batch's gradient: it averages them over ranks
             self.optimizer.sync = args.world_size > 1
             return self.optimizer
-        ess = args.ivon_ess if args.ivon_ess is not None else float(len(self.train_dataset))
+        ess = args.ivon_ess if args.ivon_ess is not None else self.default_ess()
         # Several processes: each rank draws its own noise (seed + rank) and pairs it with its own
         # gradients; the optimizer averages g and noise x g over ranks at step time (sync=True),
         # and DDP's own all-reduce of gradients made with different noise is switched off.
@@ -106,6 +106,29 @@ class PCTrainer(Trainer):
                                     rho2=args.pc_rho2, mean_term_weight=args.pc_mean_term_weight,
                                     **common)
         return self.optimizer
+
+    def default_ess(self) -> float:
+        """IVON's effective sample size when ``ivon_ess`` is unset: the number of likelihood terms
+        in the training set. Every predicted token is one for language models (examples x label
+        tokens of the first example, or x its length when labels are made by the collator);
+        every example is one otherwise. Counting only sequences makes the posterior so wide that
+        a small GPT-2 does not learn at all."""
+        ds = self.train_dataset
+        n = len(ds)
+        try:
+            first = ds[0]
+        except Exception:  # an unusual dataset: count examples
+            return float(n)
+        if not isinstance(first, dict):
+            return float(n)
+        labels = first.get("labels")
+        if labels is not None:
+            t = torch.as_tensor(labels)
+            return float(n * max(1, int((t != -100).sum()))) if t.ndim >= 1 else float(n)
+        ids = first.get("input_ids")
+        if ids is not None and self._is_causal_lm(self.model):
+            return float(n * len(ids))
+        return float(n)
 
     @property
     def pc_optimizer(self) -> FlatStateOptimizer | None:

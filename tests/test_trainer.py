@@ -265,3 +265,28 @@ def test_sequence_to_sequence_model_learns(tmp_path):
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < before - 0.5
     assert trainer.pc_optimizer._pc["refreshes"] == 3
+
+
+def test_default_ess_counts_likelihood_terms(tmp_path):
+    lm = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon", ivon_ess=None),
+                   train_dataset=CharWindows())
+    lm.create_optimizer()
+    assert lm.pc_optimizer.param_groups[0]["ess"] == len(CharWindows()) * 32   # tokens
+
+    class NoLabels(torch.utils.data.Dataset):   # labels made by the collator
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return {"input_ids": CharWindows()[i]["input_ids"]}
+    assert PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"),
+                     train_dataset=NoLabels()).default_ess() == 10 * 32
+
+    class Classes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 50
+
+        def __getitem__(self, i):
+            return {"input_ids": torch.zeros(8, dtype=torch.long), "labels": torch.tensor(1)}
+    assert PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"),
+                     train_dataset=Classes()).default_ess() == 50
