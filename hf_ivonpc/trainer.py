@@ -10,10 +10,10 @@ a seeded sampler of its own.
 
 Several processes (``accelerate launch --multi_gpu``): every rank draws its own noise and pairs it
 with its own gradients; DDP's gradient all-reduce is switched off and the optimizer averages the
-paired statistics over ranks (``sync=True``), so all ranks take the same step. Still to come (see
-the trainer issue): FSDP. ``max_grad_norm`` is applied inside the
-optimizer to each micro-batch's gradient at its share (Trainer's own clipping comes after
-``training_step``, when the optimizer has consumed the gradients).
+paired statistics over ranks (``sync=True``), so all ranks take the same step. Still to come:
+FSDP. ``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its
+share (Trainer's own clipping comes after ``training_step``, when the optimizer has consumed the
+gradients).
 """
 
 from __future__ import annotations
