@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
 
-from .args import PCTrainingArguments
+from .args import DEFAULT_SIGMA0, PCTrainingArguments
 from .optim import IVON, IVONPC, AlphaSVRG, MegaBatchSampler
 from .optim._base import FlatStateOptimizer
 
@@ -109,10 +109,18 @@ class PCTrainer(Trainer):
 
     def default_ess(self) -> float:
         """IVON's effective sample size when ``ivon_ess`` is unset: the number of likelihood terms
-        in the training set. Every predicted token is one for language models (examples x label
-        tokens of the first example, or x its length when labels are made by the collator);
-        every example is one otherwise. Counting only sequences makes the posterior so wide that
-        a small GPT-2 does not learn at all."""
+        in the training set, and at least ``1 / (ivon_hess_init * DEFAULT_SIGMA0^2)``.
+
+        Every predicted token is a term for language models (examples x label tokens of the first
+        example, or x its length when labels are made by the collator); every example otherwise.
+        The floor keeps the initial posterior std at most 1e-3, well below the scale of
+        transformer weights (~2e-2 at initialisation): with ess = 1,400 examples and
+        hess_init = 1e-3 a small BERT gets sigma = 0.85 and stays at chance."""
+        floor = 1.0 / (self.args.ivon_hess_init * DEFAULT_SIGMA0 ** 2)
+        return max(floor, self.likelihood_terms())
+
+    def likelihood_terms(self) -> float:
+        """Examples, or predicted tokens for language models, in the training set."""
         ds = self.train_dataset
         n = len(ds)
         try:

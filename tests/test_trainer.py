@@ -267,11 +267,15 @@ def test_sequence_to_sequence_model_learns(tmp_path):
     assert trainer.pc_optimizer._pc["refreshes"] == 3
 
 
-def test_default_ess_counts_likelihood_terms(tmp_path):
-    lm = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon", ivon_ess=None),
+def test_default_ess_counts_likelihood_terms_with_a_floor(tmp_path):
+    lm = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon", ivon_ess=None, ivon_hess_init=1e3),
                    train_dataset=CharWindows())
-    lm.create_optimizer()
-    assert lm.pc_optimizer.param_groups[0]["ess"] == len(CharWindows()) * 32   # tokens
+    lm.create_optimizer()   # floor 1 / (1e3 x 1e-6) = 1e3, below the 8,928 tokens
+    assert lm.pc_optimizer.param_groups[0]["ess"] == len(CharWindows()) * 32
+    assert lm.likelihood_terms() == len(CharWindows()) * 32
+    small = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon", ivon_ess=None, ivon_hess_init=1e-3),
+                      train_dataset=CharWindows())
+    assert small.default_ess() == pytest.approx(1e9)   # initial sigma = 1e-3
 
     class NoLabels(torch.utils.data.Dataset):   # labels made by the collator
         def __len__(self):
@@ -280,7 +284,7 @@ def test_default_ess_counts_likelihood_terms(tmp_path):
         def __getitem__(self, i):
             return {"input_ids": CharWindows()[i]["input_ids"]}
     assert PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"),
-                     train_dataset=NoLabels()).default_ess() == 10 * 32
+                     train_dataset=NoLabels()).likelihood_terms() == 10 * 32
 
     class Classes(torch.utils.data.Dataset):
         def __len__(self):
@@ -289,4 +293,10 @@ def test_default_ess_counts_likelihood_terms(tmp_path):
         def __getitem__(self, i):
             return {"input_ids": torch.zeros(8, dtype=torch.long), "labels": torch.tensor(1)}
     assert PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"),
-                     train_dataset=Classes()).default_ess() == 50
+                     train_dataset=Classes()).likelihood_terms() == 50
+
+
+def test_learning_rate_default_depends_on_the_method(tmp_path):
+    assert PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon").learning_rate == 1.0
+    assert PCTrainingArguments(output_dir=str(tmp_path), pc_method="none").learning_rate == 5e-5
+    assert PCTrainingArguments(output_dir=str(tmp_path), learning_rate=0.2).learning_rate == 0.2
