@@ -1,7 +1,6 @@
 """IVON-PCM (Alg. 4): fast implementation against the line-by-line reference, and identities."""
 
 import io
-import math
 
 import pytest
 import torch

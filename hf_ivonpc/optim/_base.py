@@ -149,7 +149,6 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         if not pdtype.is_floating_point:
             raise ValueError(f"params have dtype {pdtype}: accepted are floating dtypes")
         self._device = next(iter(devices))
-        self._param_dtype = pdtype
         # state is fp32 (fp64 when parameters are fp64), whatever the parameters' dtype
         self._dtype = torch.float64 if pdtype == torch.float64 else torch.float32
         self._chunk = chunk_size or _default_chunk(self._device)
@@ -483,8 +482,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                     if k != "params":
                         group[k] = v
             self._pc = dict(extra["pc"])
-            self.generator.set_state(extra["generator"].to("cpu") if self._device.type == "cpu"
-                                     else extra["generator"].cpu())
+            self.generator.set_state(extra["generator"].cpu())
             # the parameters are the source of truth for the mean, unless they hold a rounded
             # copy of the fp32 master kept here (low-precision parameters)
             for gi, group in enumerate(self.param_groups):
