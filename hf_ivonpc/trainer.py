@@ -19,6 +19,7 @@ gradients).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch.utils.data import Dataset
@@ -260,22 +261,27 @@ class PCTrainer(Trainer):
         return loss, logp, labels
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        metrics = super().evaluate(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", "eval")
-        if f"{prefix}_loss" in metrics and self._is_causal_lm(self.model):
-            import math
-            metrics[f"{prefix}_perplexity"] = math.exp(min(metrics[f"{prefix}_loss"], 700.0))
+        # Trainer logs the metrics dict it returns: log() adds the perplexity to it in place
+        return self._add_perplexity(super().evaluate(*args, **kwargs))
+
+    def _add_perplexity(self, metrics: dict) -> dict:
+        """``<prefix>_perplexity = exp(<prefix>_loss)`` beside every evaluation loss of a causal LM."""
+        keys = [k for k in metrics if k.endswith("_loss") and k not in ("loss", "train_loss")]
+        if keys and self._is_causal_lm(self.model):
+            for k in keys:
+                metrics[f"{k[:-5]}_perplexity"] = math.exp(min(metrics[k], 700.0))
         return metrics
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         opt = self.pc_optimizer
+        self._add_perplexity(logs)
         if opt is not None:
             # Trainer's grad_norm is measured after training_step, when our optimizer has already
             # consumed the gradients: it would read 0
             logs.pop("grad_norm", None)
+        if opt is not None and "loss" in logs:
             if opt.last_grad_norm is not None:   # the last micro-batch's, at the window's scale
                 logs["pc/grad_norm"] = opt.last_grad_norm.item() * self.args.gradient_accumulation_steps
-        if opt is not None and "loss" in logs:
             if "hess" in opt._flat[0]:
                 h = torch.cat([f["hess"] for f in opt._flat])
                 sigma = torch.cat([s.flatten() for s in opt.posterior_std()])
