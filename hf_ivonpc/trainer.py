@@ -10,8 +10,8 @@ a seeded sampler of its own.
 
 Several processes (``accelerate launch --multi_gpu``): every rank draws its own noise and pairs it
 with its own gradients; DDP's gradient all-reduce is switched off and the optimizer averages the
-paired statistics over ranks (``sync=True``), so all ranks take the same step. Still to come:
-FSDP. ``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its
+paired statistics over ranks (``sync=True``), so all ranks take the same step. FSDP and DeepSpeed
+are refused with a clear error (the optimizer keeps whole-parameter state). ``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its
 share (Trainer's own clipping comes after ``training_step``, when the optimizer has consumed the
 gradients).
 """
@@ -50,10 +50,18 @@ class PCTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, PCTrainingArguments):
             raise ValueError(f"args is a {type(self.args).__name__}: PCTrainer needs PCTrainingArguments")
+        self._check_distributed()
         self._mega_sampler: MegaBatchSampler | None = None
         self._pc_logs: dict[str, float] = {}
         if self.args.corrects and self.train_dataset is not None:
             self._check_megabatch(self.train_dataset)
+
+    def _check_distributed(self) -> None:
+        if self.args.pc_method != "none" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+            raise ValueError(f"pc_method={self.args.pc_method!r} does not support "
+                             f"{'FSDP' if self.is_fsdp_enabled else 'DeepSpeed'} yet: the optimizer keeps "
+                             "whole-parameter state on every rank. Use DDP (`accelerate launch "
+                             "--multi_gpu`), or pc_method='none'")
 
     # ------------------------------------------------------------------ optimizer
     def _micro_batches_per_step(self) -> int:

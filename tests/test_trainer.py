@@ -86,6 +86,12 @@ def test_misuse_is_reported(tmp_path):
     with pytest.raises(ValueError, match="iterable dataset"):
         PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon_pcm"), train_dataset=Stream())
 
+    # FSDP/DeepSpeed need a distributed launch to be enabled: flag it on a built trainer
+    trainer = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"), train_dataset=CharWindows())
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="pc_method='ivon' does not support FSDP.*--multi_gpu"):
+        trainer._check_distributed()
+
 
 class _CorrectionAtSnapshot(TrainerCallback):
     """Right after a refresh m_in = m_out and sigma_in = sigma_out: with shared noise and the same
