@@ -30,11 +30,13 @@ def split_documents(splits: dict[str, list[str]], val_fraction: float) -> dict[s
     """``splits`` with a "validation" split carved out of "train" by hash when it has none."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction={val_fraction} is invalid: accepted range is (0, 1)")
-    if "validation" in splits:
-        return {"train": list(splits["train"]), "validation": list(splits["validation"])}
+    if "validation" in splits:  # empty documents (wikitext's blank lines) are dropped
+        return {"train": [d for d in splits["train"] if d.strip()],
+                "validation": [d for d in splits["validation"] if d.strip()]}
     train, val = [], []
     for d in splits["train"]:
-        (val if _is_val(d, val_fraction) else train).append(d)
+        if d.strip():
+            (val if _is_val(d, val_fraction) else train).append(d)
     if not train or not val:
         raise ValueError(f"the corpus has {len(splits['train'])} documents: too few to split off a "
                          f"validation set with val_fraction={val_fraction}")
