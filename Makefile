@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	touch $@
 
 run: $(VENV)/.installed
-	$(PY) scripts/logreg.py --out results/logreg
+	$(PY) scripts/pretrain.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
