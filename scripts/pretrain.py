@@ -47,8 +47,8 @@ class PretrainArguments:
         "help": "validation windows, spread evenly over val.bin (None: all)"})
 
 
-def main(argv=None) -> dict:
-    args, targs = parse_args((PretrainArguments, PCTrainingArguments), CONFIGS / "pretrain_offline.yaml", argv)
+def build_trainer(args: PretrainArguments, targs: PCTrainingArguments, callbacks=None) -> tuple[PCTrainer, dict]:
+    """The data (prepared on first use), a fresh GPT-2 and its PCTrainer; ``info`` describes them."""
     tokenizer = load_tokenizer(args.tokenizer_name)
     with targs.main_process_first(desc="prepare data"):
         data_dir, meta = prepared_data(args.dataset, args.data_dir, tokenizer=tokenizer,
@@ -58,14 +58,20 @@ def main(argv=None) -> dict:
                                  args.max_eval_windows, targs.data_seed if targs.data_seed is not None else targs.seed)
     model = gpt2_model(len(tokenizer), args.block_size, args.n_layer, args.n_head, args.n_embd,
                        args.dropout, args.attn_implementation, seed=targs.seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    info = {"n_params": sum(p.numel() for p in model.parameters()), "train_tokens": meta["tokens"]["train"]}
     if targs.process_index == 0:
-        print(f"GPT-2 {n_params / 1e6:.1f}M parameters ({model.config._attn_implementation}); "
+        print(f"GPT-2 {info['n_params'] / 1e6:.1f}M parameters ({model.config._attn_implementation}); "
               f"{meta['tokens']['train']:,} training tokens in {data_dir}; pc_method={targs.pc_method}")
     trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                        processing_class=tokenizer, data_collator=default_data_collator)
+                        processing_class=tokenizer, data_collator=default_data_collator, callbacks=callbacks)
+    return trainer, info
+
+
+def main(argv=None) -> dict:
+    args, targs = parse_args((PretrainArguments, PCTrainingArguments), CONFIGS / "pretrain_offline.yaml", argv)
+    trainer, info = build_trainer(args, targs)
     result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    metrics = dict(result.metrics, n_params=n_params, train_tokens=meta["tokens"]["train"])
+    metrics = dict(result.metrics, **info)
     metrics.update(trainer.evaluate())
     trainer.save_model()
     finish(trainer, metrics, plot_keys=("loss", "eval_loss", "eval_perplexity"))
