@@ -1,0 +1,285 @@
+"""The paper's GPT-2 ablations (App. D.2, Fig. 6), scaled to a CPU: a small GPT-2 on Shakespeare.
+
+    python scripts/ablate.py                         # everything below, 3 seeds (~40 min on 2 cores)
+    python scripts/ablate.py --quick                 # the same code path in ~2 minutes (1 seed, 12 steps)
+    python scripts/ablate.py --experiments methods --seeds 5
+    python scripts/ablate.py --tune                  # re-select the two learning rates
+
+Experiments (``--experiments``, comma-separated):
+- ``methods``: AdamW, alpha-SVRG (over AdamW), IVON, IVON-PC (rho = 0) and IVON-PCM at the same
+  number of optimizer steps, and compared at the same wall-clock time and at the same number of
+  gradient evaluations (examples x passes: a corrected step evaluates its mini-batch twice, a
+  refresh evaluates the mega-batch once), by linear interpolation of each run's validation curve.
+- ``alpha``: IVON-PCM's alpha in {0, 0.25, 0.5, 0.75, 1} (the paper's U shape).
+- ``refresh``: IVON-PCM's refresh interval in {5, 10, 20, 40} steps.
+- ``noise``: shared vs independent draws for theta_in and theta_out.
+- ``start``: the correction starting at 0, 1/4 and 1/2 of the run (the paper's "jump").
+
+Fairness: every run sees the same data order (the seed fixes the windows and their order), is
+evaluated on the same validation windows, and has the same step budget. Learning rates: AdamW's and
+IVON's are each the best (final validation loss, seed 1000, not a reported seed) of the same
+4-point grid in factors of ~3 (``--tune``); alpha-SVRG inherits AdamW's and IVON-PC/IVON-PCM inherit
+IVON's, as in the paper. ``TUNED_LR`` below is the output of ``--tune`` and is HARD-CODED.
+
+Writes ``ablations.json`` (every run's curve and the summaries), ``ablations.md`` (tables) and PNGs
+to ``--out`` (default ``docs/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pretrain import PretrainArguments, build_trainer  # noqa: E402
+
+from hf_ivonpc import PCTrainingArguments  # noqa: E402
+
+#: output of ``--tune`` (seed 1000, the full budget); see the module docstring
+TUNED_LR = {"adamw": 3e-3, "ivon": 1.0}
+GRIDS = {"adamw": [3e-4, 1e-3, 3e-3, 1e-2], "ivon": [0.1, 0.3, 1.0, 3.0]}
+TUNE_SEED = 1000
+
+
+class Clock(TrainerCallback):
+    """Wall time of training (evaluation excluded) at each evaluation."""
+
+    def __init__(self):
+        self.train_time, self.t0, self.points = 0.0, None, []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.train_time += time.perf_counter() - self.t0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self.points.append({"step": state.global_step, "time_s": self.train_time,
+                            "eval_loss": metrics["eval_loss"]})
+
+
+def gradient_evaluations(step: int, cfg: dict) -> int:
+    """Examples evaluated up to ``step``: inner passes, theta_out passes and mega-batches."""
+    b = cfg["batch"]
+    n = step * b
+    method, start = cfg["method"], cfg.get("start", 0)
+    if method in ("alpha_svrg", "ivon_pc", "ivon_pcm") and step > start:
+        corrected = step - start
+        refreshes = math.ceil(corrected / cfg.get("refresh", 10))
+        n += corrected * b + refreshes * cfg.get("factor", 10) * b
+    return n
+
+
+def run(cfg: dict, base: dict, out: Path) -> dict:
+    """One training run; ``cfg``: method, seed, lr and the correction's settings."""
+    m = cfg["method"]
+    pc = {"none": "none", "adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon"}.get(m, "ivon_pcm")
+    args = PretrainArguments(dataset="shakespeare", block_size=base["block"], n_layer=base["n_layer"],
+                             n_head=base["n_head"], n_embd=base["n_embd"], max_eval_windows=base["eval_windows"])
+    kw = dict(output_dir=str(out), pc_method=pc, max_steps=base["steps"], learning_rate=cfg["lr"],
+              per_device_train_batch_size=base["batch"], per_device_eval_batch_size=32,
+              lr_scheduler_type="cosine", warmup_steps=base["steps"] // 10, weight_decay=1e-6,
+              max_grad_norm=1.0, eval_strategy="steps", eval_steps=base["eval_every"], eval_on_start=True,
+              logging_steps=base["eval_every"], save_strategy="no", report_to=[], disable_tqdm=True,
+              use_cpu=True, seed=cfg["seed"])
+    if pc in ("alpha_svrg", "ivon_pcm"):
+        kw.update(pc_start_step=cfg["start"], pc_refresh_steps=cfg["refresh"], pc_megabatch_factor=cfg["factor"],
+                  pc_alpha=cfg["alpha"], pc_shared_noise=cfg.get("shared", True))
+    if pc == "ivon_pcm":
+        rho = (0.0, 0.0) if m == "ivon_pc" else (0.6, 0.1)
+        kw.update(pc_rho1=rho[0], pc_rho2=rho[1])
+    if pc == "none":
+        kw.update(weight_decay=0.1, adam_beta2=0.95)
+    clock = Clock()
+    trainer, info = build_trainer(args, PCTrainingArguments(**kw), callbacks=[clock])
+    trainer.train()
+    curve = [dict(p, examples=gradient_evaluations(p["step"], dict(cfg, batch=base["batch"])))
+             for p in clock.points]
+    return {**cfg, "curve": curve, "final_eval_loss": curve[-1]["eval_loss"], "train_time_s": clock.train_time,
+            "n_params": info["n_params"]}
+
+
+def interp(curve: list[dict], key: str, x: float) -> float:
+    xs = [p[key] for p in curve]
+    return float(np.interp(x, xs, [p["eval_loss"] for p in curve]))
+
+
+def mean_spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values), "values": values}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--experiments", default="methods,alpha,refresh,noise,start")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=240)
+    ap.add_argument("--quick", action="store_true", help="1 seed, 12 steps, a tiny model: checks the code path")
+    ap.add_argument("--tune", action="store_true", help="re-select AdamW's and IVON's learning rates first")
+    a = ap.parse_args(argv)
+    base = dict(steps=a.steps, batch=8, block=64, n_layer=2, n_head=2, n_embd=64, eval_windows=96,
+                eval_every=a.steps // 8)
+    if a.quick:
+        base.update(steps=12, eval_every=4, n_embd=32, eval_windows=16)
+        a.seeds = 1
+    out = Path(a.out)
+    scratch = out / "_runs"
+    lr = dict(TUNED_LR)
+    report: dict = {"base": base, "tuned_lr": lr, "runs": {}}
+    if a.tune:
+        report["tuning"] = {}
+        for m, grid in GRIDS.items():
+            losses = {str(v): run({"method": m, "seed": TUNE_SEED, "lr": v}, base, scratch / "tune")["final_eval_loss"]
+                      for v in grid}
+            report["tuning"][m] = losses
+            lr[m] = float(min(losses, key=losses.get))
+            print(f"tuned {m}: {losses} -> {lr[m]}", flush=True)
+    half = base["steps"] // 2
+    pc = dict(start=half, refresh=10, factor=10, alpha=1.0)
+    if a.quick:
+        pc.update(start=4, refresh=2, factor=2)
+    seeds = range(a.seeds)
+    exps = a.experiments.split(",")
+    cfgs: dict[str, list[dict]] = {}
+    if "methods" in exps:
+        cfgs["methods"] = [dict(method=m, seed=s, lr=lr["adamw" if m in ("adamw", "alpha_svrg") else "ivon"],
+                                **({**pc, "alpha": 0.5} if m == "alpha_svrg" else pc if m.startswith("ivon_") else {}))
+                           for m in ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm") for s in seeds]
+    if "alpha" in exps:
+        cfgs["alpha"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "alpha": al})
+                         for al in (0.0, 0.25, 0.5, 0.75, 1.0) for s in seeds]
+    if "refresh" in exps:
+        cfgs["refresh"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "refresh": r})
+                           for r in ((2, 4) if a.quick else (5, 10, 20, 40)) for s in seeds]
+    if "noise" in exps:
+        cfgs["noise"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], shared=sh, **pc)
+                         for sh in (True, False) for s in seeds]
+    if "start" in exps:
+        cfgs["start"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "start": st})
+                         for st in sorted({0, base["steps"] // 4, half}) for s in seeds]
+    done: dict[str, dict] = {}
+    for exp, lst in cfgs.items():
+        report["runs"][exp] = []
+        for cfg in lst:
+            key = json.dumps(cfg, sort_keys=True)
+            if key not in done:   # a configuration shared by two experiments runs once
+                t = time.perf_counter()
+                done[key] = run(cfg, base, scratch / exp)
+                print(f"{exp}: {cfg} -> {done[key]['final_eval_loss']:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
+            report["runs"][exp].append(done[key])
+    report["summary"] = summarize(report["runs"], base)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablations.json").write_text(json.dumps(report, indent=1))
+    (out / "ablations.md").write_text(markdown(report["summary"], base))
+    plot(report, out)
+    print((out / "ablations.md").read_text())
+    return report
+
+
+def _label(r: dict, exp: str) -> str:
+    return {"methods": r["method"], "alpha": f"alpha={r.get('alpha')}", "refresh": f"refresh={r.get('refresh')}",
+            "noise": "shared" if r.get("shared", True) else "independent", "start": f"start={r.get('start')}"}[exp]
+
+
+def summarize(runs: dict, base: dict) -> dict:
+    summary = {}
+    for exp, lst in runs.items():
+        groups: dict[str, list[dict]] = {}
+        for r in lst:
+            groups.setdefault(_label(r, exp), []).append(r)
+        s = {name: {"final_eval_loss": mean_spread([r["final_eval_loss"] for r in g]),
+                    "train_time_s": mean_spread([r["train_time_s"] for r in g])} for name, g in groups.items()}
+        if exp == "methods":
+            t_common = min(r["curve"][-1]["time_s"] for r in lst)
+            e_common = min(r["curve"][-1]["examples"] for r in lst)
+            for name, g in groups.items():
+                s[name]["eval_loss_at_equal_time"] = mean_spread([interp(r["curve"], "time_s", t_common) for r in g])
+                s[name]["eval_loss_at_equal_examples"] = mean_spread([interp(r["curve"], "examples", e_common) for r in g])
+            summary["equal_time_s"], summary["equal_examples"] = t_common, e_common
+        if exp == "start":   # the "jump": validation loss just before and after the correction starts
+            for name, g in groups.items():
+                st = g[0]["start"]
+                if st > 0:
+                    before = [interp(r["curve"], "step", st) for r in g]
+                    after = [interp(r["curve"], "step", st + base["eval_every"]) for r in g]
+                    s[name]["loss_at_start"] = mean_spread(before)
+                    s[name]["loss_one_eval_later"] = mean_spread(after)
+        summary[exp] = s
+    return summary
+
+
+def _fmt(ms: dict) -> str:
+    return f"{ms['mean']:.4f} ± {ms['std']:.4f}" if ms["n"] > 1 else f"{ms['mean']:.4f}"
+
+
+def markdown(summary: dict, base: dict) -> str:
+    lines = [f"GPT-2 {base['n_layer']} layers x {base['n_embd']}, context {base['block']}, batch {base['batch']}, "
+             f"{base['steps']} steps on Shakespeare; validation loss, mean ± std over seeds.", ""]
+    for exp, s in summary.items():
+        if not isinstance(s, dict):
+            continue
+        cols = ["final_eval_loss", "train_time_s"] + [c for c in ("eval_loss_at_equal_time", "eval_loss_at_equal_examples",
+                                                                   "loss_at_start", "loss_one_eval_later")
+                                                      if any(c in v for v in s.values())]
+        lines += [f"### {exp}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, v in s.items():
+            lines.append(f"| {name} | " + " | ".join(_fmt(v[c]) if c in v else "" for c in cols) + " |")
+        lines.append("")
+    if "equal_time_s" in summary:
+        lines.append(f"Equal time: {summary['equal_time_s']:.1f} s of training; equal examples: "
+                     f"{summary['equal_examples']:,} gradient evaluations.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    if "methods" in runs:
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        for ax, key, xl in zip(axes, ("step", "time_s", "examples"),
+                               ("optimizer steps", "training time (s)", "gradient evaluations")):
+            for name in dict.fromkeys(r["method"] for r in runs["methods"]):
+                g = [r for r in runs["methods"] if r["method"] == name]
+                xs = np.mean([[p[key] for p in r["curve"]] for r in g], axis=0)
+                ys = np.mean([[p["eval_loss"] for p in r["curve"]] for r in g], axis=0)
+                ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("validation loss")
+            ax.grid(alpha=0.3)
+        axes[0].legend()
+        fig.tight_layout()
+        fig.savefig(out / "ablation_methods.png", dpi=110)
+        plt.close(fig)
+    sweeps = [e for e in ("alpha", "refresh", "noise", "start") if e in runs]
+    if sweeps:
+        fig, axes = plt.subplots(1, len(sweeps), figsize=(4.5 * len(sweeps), 3.6), squeeze=False)
+        for ax, exp in zip(axes[0], sweeps):
+            s = report["summary"][exp]
+            names = list(s)
+            means = [s[n]["final_eval_loss"]["mean"] for n in names]
+            stds = [s[n]["final_eval_loss"]["std"] for n in names]
+            ax.errorbar(range(len(names)), means, yerr=stds, marker="o", capsize=3)
+            ax.set_xticks(range(len(names)), [n.split("=")[-1] for n in names])
+            ax.set_title(exp)
+            ax.set_ylabel("final validation loss")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "ablation_sweeps.png", dpi=110)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
