@@ -3,7 +3,7 @@
 from .optim import IVON, IVONPC
 
 __version__ = "0.1.0"
-__all__ = ["IVON", "IVONPC", "PCTrainer", "PCTrainingArguments", "__version__"]
+__all__ = ["IVON", "IVONPC", "PCTrainer", "PCTrainingArguments", "Posterior", "__version__"]
 
 
 def __getattr__(name):  # transformers is imported only when the trainer is used
@@ -13,4 +13,7 @@ def __getattr__(name):  # transformers is imported only when the trainer is used
     if name == "PCTrainingArguments":
         from .args import PCTrainingArguments
         return PCTrainingArguments
+    if name == "Posterior":
+        from .posterior import Posterior
+        return Posterior
     raise AttributeError(name)

@@ -60,6 +60,14 @@ class PCTrainingArguments(TrainingArguments):
         "help": "0: evaluate at the posterior mean; k > 0: the posterior predictive, output "
                 "probabilities averaged over k draws (ivon and ivon_pcm)."})
 
+    def __getstate__(self) -> dict:
+        """Pickled without ``hub_token``: Trainer saves the arguments as ``training_args.bin`` in
+        every checkpoint and in ``output_dir``, and ``push_to_hub`` uploads that file."""
+        state = self.__dict__.copy()
+        if state.get("hub_token") is not None:
+            state["hub_token"] = None
+        return state
+
     def __post_init__(self):
         if self.pc_method not in PC_METHODS:
             raise _bad("pc_method", self.pc_method, f"one of {PC_METHODS}")

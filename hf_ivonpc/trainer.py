@@ -298,3 +298,96 @@ class PCTrainer(Trainer):
             logs.update(self._pc_logs)
             self._pc_logs = {}
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------ posterior, card, Hub
+    def posterior(self):
+        """The current posterior (an ``hf_ivonpc.Posterior``, tensors copied to the CPU), or None
+        for methods without one ("alpha_svrg", "none") and before the optimizer exists."""
+        from .posterior import Posterior
+        opt = self.pc_optimizer
+        if opt is None or not hasattr(opt, "posterior_std"):
+            return None
+        return Posterior.from_optimizer(opt, self.model, method=self.args.pc_method,
+                                        step=self.state.global_step)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer's save (the weights: the posterior mean), then ``posterior.safetensors`` beside
+        them, on the main process. Checkpoints and ``save_model`` (hence ``push_to_hub``) both come
+        through here."""
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self._save_posterior(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_posterior(self, output_dir: str) -> None:
+        import os
+        import shutil
+
+        from transformers.utils import logging
+
+        from .posterior import POSTERIOR_NAME, atomic_write
+        target = os.path.join(output_dir, POSTERIOR_NAME)
+        opt = self.pc_optimizer
+        post = self.posterior()
+        if post is not None and not all(torch.equal(opt.state[p]["mean"].to(p.dtype), p.detach())
+                                        for g in opt.param_groups for p in g["params"]):
+            # the weights were replaced after the last step (load_best_model_at_end): the
+            # posterior that belongs to them is the one saved with them
+            best = self.state.best_model_checkpoint
+            src = os.path.join(best, POSTERIOR_NAME) if best else ""
+            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(target):
+                atomic_write(target, lambda tmp: shutil.copyfile(src, tmp))
+                return
+            logging.get_logger(__name__).warning(
+                "posterior.safetensors not written to %s: the weights differ from the optimizer's "
+                "posterior mean and no saved posterior belongs to them", output_dir)
+            post = None
+        if post is None:
+            if os.path.isfile(target):   # a stale file would describe other weights
+                os.remove(target)
+            return
+        post.save(target)
+
+    def create_model_card(self, language=None, license=None, tags=None, model_name=None,
+                          finetuned_from=None, tasks=None, dataset_tags=None, dataset=None,
+                          dataset_args=None) -> None:
+        """Write ``README.md`` into ``output_dir`` from ``hf_ivonpc/model_cards/posterior_model_card.md``.
+
+        Unlike Trainer's card (which names ``args.optim``) it says which method trained the model,
+        with every hyperparameter of it, the data, the final metrics, sigma per layer type and a
+        snippet that samples from the posterior saved in ``output_dir``."""
+        if not self.is_world_process_zero():
+            return
+        import os
+        from pathlib import Path
+
+        from .model_card import render_model_card
+        from .posterior import POSTERIOR_NAME, Posterior, atomic_write
+        file = os.path.join(self.args.output_dir, POSTERIOR_NAME)
+        posterior = Posterior.from_pretrained(file) if os.path.isfile(file) else None
+        text = render_model_card(self, posterior, language=language, license=license, tags=tags,
+                                 model_name=model_name, finetuned_from=finetuned_from, tasks=tasks,
+                                 dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args)
+        atomic_write(os.path.join(self.args.output_dir, "README.md"),
+                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer copies only the model's files from the checkpoint into ``output_dir`` and then
+        uploads ``output_dir``: copy the checkpoint's posterior too and write the card first, so
+        that model, posterior and card are pushed together."""
+        import os
+        import shutil
+
+        from transformers.trainer_utils import HubStrategy
+
+        from .posterior import POSTERIOR_NAME, atomic_write
+        args, in_progress = self.args, getattr(self, "push_in_progress", None)
+        if (self.is_world_process_zero() and args.hub_strategy != HubStrategy.END
+                and (args.hub_always_push or in_progress is None or in_progress.is_done())):
+            src = os.path.join(checkpoint_folder, POSTERIOR_NAME)
+            dst = os.path.join(args.output_dir, POSTERIOR_NAME)
+            if os.path.isfile(src):
+                atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+            elif os.path.isfile(dst):
+                os.remove(dst)
+            self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)

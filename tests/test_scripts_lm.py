@@ -3,12 +3,14 @@
 import json
 import math
 
+import torch
+
 from transformers import AutoModelForCausalLM
 
 from _scripts import load_script
 
-TINY = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "32",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
+TINY = MODEL + ["--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--max_eval_windows", "8", "--eval_steps", "2", "--logging_steps", "1", "--save_steps", "4",
         "--pc_start_step", "2", "--pc_refresh_steps", "2", "--pc_megabatch_factor", "2",
         "--disable_tqdm", "true", "--use_cpu", "true"]
@@ -34,3 +36,31 @@ def test_prepare_data_then_pretrain_writes_results(tmp_path):
     assert any("eval_perplexity" in r for r in history)             # and reached the logs
     model = AutoModelForCausalLM.from_pretrained(out)               # plain from_pretrained
     assert model.config.n_layer == 1 and (out / "checkpoint-4").is_dir()
+
+
+def test_continual_pretraining_continues_the_posterior(tmp_path):
+    """From a pretrain.py output: IVON starts from the saved h and momentum, not from
+    ivon_hess_init, and the run completes with its results."""
+    from hf_ivonpc import PCTrainingArguments, Posterior
+    from hf_ivonpc.tasks.cli import parse_args
+
+    src = tmp_path / "pre"
+    load_script("pretrain").main(TINY + ["--data_dir", str(tmp_path / "shk"), "--max_steps", "3",
+                                         "--pc_method", "ivon", "--ivon_hess_init", "0.5",
+                                         "--output_dir", str(src)])
+    saved = Posterior.from_pretrained(src)
+    script = load_script("continual_pretrain")
+    argv = TINY[len(MODEL):] + ["--model_name_or_path", str(src), "--dataset", "aclsum",
+                                "--data_dir", str(tmp_path / "acl"), "--max_steps", "3",
+                                "--ivon_hess_init", "1e-3", "--pc_method", "ivon_pcm",
+                                "--output_dir", str(tmp_path / "cont")]
+    trainer, _ = script.build_trainer(*parse_args((script.ContinualArguments, PCTrainingArguments), None, argv))
+    opt = trainer.pc_optimizer
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(opt.state[p]["hess"], saved.hess[name]), name
+        assert torch.equal(opt.state[p]["momentum"], saved.momentum[name]), name
+    assert min(h.min().item() for h in saved.hess.values()) > 0.1   # far from the 1e-3 of a restart
+
+    metrics = script.main(argv)
+    assert "eval_perplexity" in metrics and (tmp_path / "cont" / "all_results.json").exists()
+    assert (tmp_path / "cont" / "posterior.safetensors").exists()

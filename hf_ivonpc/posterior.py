@@ -1,0 +1,537 @@
+"""The posterior as an artifact: ``posterior.safetensors`` next to the model's own weights.
+
+The model's weights (``model.safetensors``, or ``adapter_model.safetensors`` for a LoRA adapter)
+are the posterior mean m and load with plain ``from_pretrained``. ``posterior.safetensors`` holds,
+for every trainable parameter name ``n``, tensors of the parameter's shape:
+
+    std.<n>        sigma = 1 / sqrt(ess (h + delta)), the posterior standard deviation
+    hess.<n>       h, IVON's Hessian estimate (what continues training)
+    momentum.<n>   IVON's gradient momentum (optional)
+
+in fp32 (fp64 for fp64 models). Names are those of ``model.named_parameters()`` of the model that
+was trained: for a LoRA adapter trained as a ``PeftModel``, the PeftModel's names (e.g.
+``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``), so the posterior loads
+back onto ``PeftModel.from_pretrained(base, path)`` or ``get_peft_model(base, config)`` built the
+same way (same adapter name). Only trainable parameters carry a posterior.
+
+The header's metadata (safetensors metadata is strings; values marked JSON are JSON):
+
+    format               "pt" (as transformers writes it)
+    hf_ivonpc.posterior  format version, "1"
+    method               "ivon" or "ivon_pcm" (the optimizer that learned it)
+    step                 JSON: optimizer steps taken (null when unknown, e.g. after conversion)
+    library_version      hf_ivonpc's version that wrote the file
+    groups               JSON list, one entry per parameter group: {"params": [names], "ess",
+                         "weight_decay" (delta), "hess_init", "beta1", "beta2", "lr",
+                         "clip_radius", and for IVON-PCM "alpha", "rho1", "rho2", ...}
+
+Methods without a posterior (``pc_method`` "alpha_svrg" and "none") write no posterior file.
+Files are read with safetensors only (nothing is ever unpickled) and written atomically (a temp
+file in the same folder, then ``os.replace``: a crash while saving leaves the previous file).
+
+Command line::
+
+    python -m hf_ivonpc.posterior info PATH          # the summary of a posterior
+    python -m hf_ivonpc.posterior convert SRC DST    # the authors' published GPT-2 layout -> ours
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+POSTERIOR_NAME = "posterior.safetensors"
+FORMAT_KEY = "hf_ivonpc.posterior"
+FORMAT_VERSION = 1
+KINDS = ("std", "hess", "momentum")
+
+#: layer types of the summary, the first whose pattern matches a (lower-cased) parameter name
+LAYER_TYPES: tuple[tuple[str, str], ...] = (
+    ("norm", r"(^|\.)(ln_\w*|\w*norm\w*)(\.|$)"),
+    ("embeddings", r"(^|\.)(wte|wpe|shared|embed\w*|\w*_embeddings?)(\.|$)"),
+    ("head", r"(^|\.)(lm_head|classifier|score|qa_outputs|pooler|cls|head)(\.|$)"),
+    ("attention", r"attn|attention|(^|\.)(q_proj|k_proj|v_proj|o_proj|query|key|value)(\.|$)"),
+    ("mlp", r"mlp|ffn|feed_forward|intermediate|densereludense|(^|\.)(fc1|fc2|c_fc|up_proj|"
+            r"down_proj|gate_proj)(\.|$)|\.output\.dense"),
+)
+
+
+def layer_type(name: str) -> str:
+    """The layer type of a parameter name (embeddings, attention, mlp, norm, head or other)."""
+    low = name.lower()
+    for kind, pattern in LAYER_TYPES:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
+
+    A crash while writing leaves the previous file intact. The temp name starts with ``_``, so a
+    leftover is never uploaded by ``Trainer.push_to_hub`` (which skips ``_*``)."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"_tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):   # make the rename durable where the platform allows it
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _is_scalar(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class Posterior:
+    """A diagonal Gaussian posterior N(m, diag(sigma^2)) over a model's trainable parameters.
+
+    The mean m is the model's own weights; this object holds sigma (``std``), IVON's Hessian
+    estimate h (``hess``) and, when saved, its momentum (``momentum``), each a dict name -> tensor
+    in the order of ``names``, and the hyperparameters of each parameter group (``groups``).
+
+    Build one with ``from_pretrained`` (a folder, a file or a Hub repo id) or ``from_optimizer``
+    (an IVON / IVONPC optimizer and its model); use it with ``sample`` (one draw, restored on
+    exit), ``predictive`` (probabilities averaged over draws), ``summary`` / ``describe`` and
+    ``load_into_optimizer`` (continue training). Everything is validated on construction: names
+    unique and covered by the groups, shapes equal across std / hess / momentum, floating dtypes,
+    sigma > 0 and equal to 1 / sqrt(ess (h + weight_decay)).
+    """
+
+    def __init__(self, std: Mapping[str, torch.Tensor], hess: Mapping[str, torch.Tensor],
+                 groups: list[dict], *, momentum: Mapping[str, torch.Tensor] | None = None,
+                 method: str = "ivon", step: int | None = None,
+                 extra_metadata: Mapping[str, str] | None = None, source: str = "<memory>"):
+        self.source = source
+        self.groups = _check_groups(groups, source)
+        self.names: list[str] = [n for g in self.groups for n in g["params"]]
+        self.std = dict(std)
+        self.hess = dict(hess)
+        self.momentum = dict(momentum or {})
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"{source}: method={method!r} is invalid: accepted is a non-empty string")
+        if step is not None and not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise ValueError(f"{source}: step={step!r} is invalid: accepted is an integer >= 0 or None")
+        self.method = method
+        self.step = step
+        self.extra_metadata = dict(extra_metadata or {})
+        self._check_tensors()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, model: torch.nn.Module | None = None,
+                        *, subfolder: str | None = None, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir: str | None = None) -> Posterior:
+        """Load ``posterior.safetensors`` from a folder, a file, or a Hub repository.
+
+        With ``model`` the names, shapes and dtypes are also checked against it. Raises
+        FileNotFoundError when there is no posterior file and ValueError when the file is not a
+        valid posterior (corrupt or truncated, not safetensors, inconsistent, or mismatched)."""
+        file = _resolve(path_or_repo_id, subfolder, revision, token, cache_dir)
+        meta, tensors = _read_safetensors(file)
+        version = meta.get(FORMAT_KEY)
+        if version is None:
+            raise ValueError(f"{file} is a safetensors file but not a posterior: its header has no "
+                             f"'{FORMAT_KEY}' entry (expected a file written by hf_ivonpc)")
+        if not (version.isdigit() and 1 <= int(version)):
+            raise ValueError(f"{file}: header entry {FORMAT_KEY}={version!r} is invalid: "
+                             "expected a format version, an integer >= 1")
+        if int(version) > FORMAT_VERSION:
+            raise ValueError(f"{file} has posterior format version {version}, newer than this "
+                             f"hf_ivonpc reads ({FORMAT_VERSION}): upgrade hf_ivonpc")
+        groups = _json_entry(meta, "groups", file)
+        step = _json_entry(meta, "step", file) if "step" in meta else None
+        method = meta.get("method")
+        if method is None:
+            raise ValueError(f"{file}: the header has no 'method' entry")
+        by_kind: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KINDS}
+        for key, t in tensors.items():
+            kind, _, name = key.partition(".")
+            if kind not in by_kind or not name:
+                raise ValueError(f"{file} holds an unexpected tensor {key!r}: expected keys "
+                                 f"'<kind>.<parameter name>' with kind one of {KINDS}")
+            by_kind[kind][name] = t
+        known = {FORMAT_KEY, "format", "groups", "step", "method", "library_version"}
+        extra = {k: v for k, v in meta.items() if k not in known}
+        extra["library_version"] = meta.get("library_version", "unknown")
+        post = cls(by_kind["std"], by_kind["hess"], groups, momentum=by_kind["momentum"],
+                   method=method, step=step, extra_metadata=extra, source=file)
+        if model is not None:
+            post.check(model)
+        return post
+
+    @classmethod
+    def from_optimizer(cls, optimizer, model: torch.nn.Module, *, method: str | None = None,
+                       step: int | None = None) -> Posterior:
+        """The posterior of an IVON / IVONPC optimizer (or Accelerate's wrapper of one), named by
+        ``model.named_parameters()``. Tensors are copied to the CPU."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        if not hasattr(opt, "posterior_std"):
+            raise ValueError(f"optimizer is a {type(opt).__name__}, which keeps no posterior: "
+                             "accepted are hf_ivonpc's IVON and IVONPC")
+        names = {id(p): n for n, p in model.named_parameters()}
+        stds = iter(opt.posterior_std())
+        std, hess, momentum, groups = {}, {}, {}, []
+        for gi, group in enumerate(opt.param_groups):
+            gnames = []
+            for p in group["params"]:
+                n = names.get(id(p))
+                if n is None:
+                    raise ValueError(f"optimizer param_groups[{gi}] holds a parameter of shape "
+                                     f"{tuple(p.shape)} that model.named_parameters() does not name: "
+                                     "pass the model the optimizer was built on")
+                gnames.append(n)
+                std[n] = next(stds).detach().to("cpu", copy=True)
+                hess[n] = opt.state[p]["hess"].detach().to("cpu", copy=True)
+                momentum[n] = opt.state[p]["momentum"].detach().to("cpu", copy=True)
+            hyper = {k: v for k, v in group.items() if k not in ("params", "step") and _is_scalar(v)}
+            groups.append({"params": gnames, **hyper})
+        if method is None:
+            method = "ivon_pcm" if getattr(opt, "correction_enabled", False) else "ivon"
+        if step is None:
+            step = int(getattr(opt, "global_step", 0))
+        return cls(std, hess, groups, momentum=momentum, method=method, step=step)
+
+    # ------------------------------------------------------------------ saving
+    def metadata(self) -> dict[str, str]:
+        """The safetensors header metadata (strings)."""
+        from . import __version__
+        meta = {k: str(v) for k, v in self.extra_metadata.items()}
+        meta.update({"format": "pt", FORMAT_KEY: str(FORMAT_VERSION), "method": self.method,
+                     "step": json.dumps(self.step), "library_version": __version__,
+                     "groups": json.dumps(self.groups)})
+        return meta
+
+    def save(self, save_directory_or_file: str | os.PathLike) -> str:
+        """Write ``posterior.safetensors`` into a folder (or to a ``.safetensors`` path), atomically.
+        Returns the file's path."""
+        from safetensors.torch import save_file
+        path = os.fspath(save_directory_or_file)
+        file = path if path.endswith(".safetensors") else os.path.join(path, POSTERIOR_NAME)
+        tensors = {}
+        for kind, table in (("std", self.std), ("hess", self.hess), ("momentum", self.momentum)):
+            for n in self.names if table else ():
+                tensors[f"{kind}.{n}"] = table[n].detach().to("cpu").contiguous()
+        meta = self.metadata()
+        atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        return file
+
+    # ------------------------------------------------------------------ use
+    def group_of(self, name: str) -> dict:
+        """The hyperparameters (ess, weight_decay, ...) of the group holding ``name``."""
+        for g in self.groups:
+            if name in g["params"]:
+                return g
+        raise KeyError(f"{name!r} has no posterior: it is not one of the {len(self.names)} names")
+
+    def check(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """Check names, shapes and dtypes against ``model``; return its parameters by name."""
+        params = dict(model.named_parameters())
+        missing = [n for n in self.names if n not in params]
+        if missing:
+            raise ValueError(
+                f"posterior {self.source} does not fit the {type(model).__name__}: "
+                f"{len(missing)} of its {len(self.names)} parameter names are not in "
+                f"model.named_parameters(), e.g. {missing[:3]} (the model has e.g. {list(params)[:3]}). "
+                "Names are those of the trained model's named_parameters(); for a LoRA adapter, "
+                "the PeftModel's (build it with the same adapter name)")
+        for n in self.names:
+            p, s = params[n], self.std[n]
+            if p.shape != s.shape:
+                raise ValueError(f"posterior {self.source} does not fit the {type(model).__name__}: "
+                                 f"parameter {n!r} has shape {tuple(p.shape)}, the posterior "
+                                 f"{tuple(s.shape)}")
+            if not p.dtype.is_floating_point:
+                raise ValueError(f"parameter {n!r} has dtype {p.dtype}: a posterior needs a floating "
+                                 "point parameter")
+        return {n: params[n] for n in self.names}
+
+    @contextlib.contextmanager
+    def sample(self, model: torch.nn.Module, seed: int | None = None, *,
+               generator: torch.Generator | None = None) -> Iterator[torch.nn.Module]:
+        """Replace the model's weights by one draw theta = m + sigma * eps for the block.
+
+        The weights are restored exactly on exit, also on an exception. The draw is determined by
+        ``seed`` (or ``generator``, on the CPU or the model's device; neither: a random draw)."""
+        params = self.check(model)
+        if generator is not None and seed is not None:
+            raise ValueError("give seed or generator, not both")
+        if generator is None:
+            if seed is not None and not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+                raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator().manual_seed(seed)
+        saved = [(p, p.detach().clone()) for p in params.values()]
+        try:
+            with torch.no_grad():
+                for n, p in params.items():
+                    s = self.std[n]
+                    noise = torch.randn(s.shape, generator=generator, dtype=s.dtype,
+                                        device=generator.device)
+                    noise.mul_(s.to(noise.device)).add_(p.detach().to(noise.device, s.dtype))
+                    p.copy_(noise)
+            yield model
+        finally:
+            with torch.no_grad():
+                for p, value in saved:
+                    p.copy_(value)
+
+    @torch.no_grad()
+    def predictive(self, model: torch.nn.Module, inputs, n_samples: int, seed: int = 0) -> torch.Tensor:
+        """Output probabilities averaged over ``n_samples`` draws (the posterior predictive).
+
+        ``inputs`` is a dict of model inputs (a ``labels`` entry is dropped) or one tensor. The
+        model runs in eval mode (no dropout) and gets its mode back. Probabilities are a softmax
+        over the last axis of the logits, in fp32; the same seed gives the same result."""
+        if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
+            raise ValueError(f"n_samples={n_samples!r} is invalid: accepted range is an integer >= 1")
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+            raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
+        self.check(model)
+        feed = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, Mapping) else inputs
+        generator = torch.Generator().manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        total = None
+        try:
+            for _ in range(n_samples):
+                with self.sample(model, generator=generator):
+                    out = model(**feed) if isinstance(feed, Mapping) else model(feed)
+                probs = _logits(out).float().softmax(-1)
+                total = probs if total is None else total.add_(probs)
+        finally:
+            model.train(was_training)
+        return total.div_(n_samples)
+
+    def load_into_optimizer(self, optimizer, model: torch.nn.Module) -> None:
+        """Continue training from this posterior: copy h (and the momentum, when saved) into an
+        IVON / IVONPC optimizer built on ``model`` (the mean is the model's weights). The
+        optimizer keeps its own hyperparameters (ess, weight decay, ...)."""
+        opt = getattr(optimizer, "optimizer", optimizer)
+        params = self.check(model)
+        covered = {id(p) for g in opt.param_groups for p in g["params"]}
+        if not hasattr(opt, "posterior_std") or covered != {id(p) for p in params.values()}:
+            raise ValueError("optimizer must be an IVON or IVONPC over exactly the posterior's "
+                             f"{len(params)} parameters")
+        with torch.no_grad():
+            for n, p in params.items():
+                opt.state[p]["hess"].copy_(self.hess[n])
+                if self.momentum:
+                    opt.state[p]["momentum"].copy_(self.momentum[n])
+
+    # ------------------------------------------------------------------ summary
+    def summary(self) -> list[dict]:
+        """sigma statistics per layer type (see ``LAYER_TYPES``): tensors, elements, mean, min, max."""
+        acc: dict[str, dict] = {}
+        for n in self.names:
+            s = self.std[n].double()
+            row = acc.setdefault(layer_type(n), {"tensors": 0, "elements": 0, "sum": 0.0,
+                                                 "min": math.inf, "max": -math.inf})
+            row["tensors"] += 1
+            row["elements"] += s.numel()
+            row["sum"] += s.sum().item()
+            row["min"] = min(row["min"], s.min().item())
+            row["max"] = max(row["max"], s.max().item())
+        order = [k for k, _ in LAYER_TYPES] + ["other"]
+        return [{"layer_type": k, "tensors": acc[k]["tensors"], "elements": acc[k]["elements"],
+                 "std_mean": acc[k]["sum"] / acc[k]["elements"], "std_min": acc[k]["min"],
+                 "std_max": acc[k]["max"]} for k in order if k in acc]
+
+    def format_summary(self) -> str:
+        """``summary()`` as a Markdown table."""
+        lines = ["| layer type | tensors | elements | sigma mean | sigma min | sigma max |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for r in self.summary():
+            lines.append(f"| {r['layer_type']} | {r['tensors']} | {r['elements']:,} | "
+                         f"{r['std_mean']:.3e} | {r['std_min']:.3e} | {r['std_max']:.3e} |")
+        return "\n".join(lines)
+
+    def describe(self) -> str:
+        """A readable description: method, step, groups' hyperparameters and the summary."""
+        elements = sum(self.std[n].numel() for n in self.names)
+        lines = [f"posterior: {self.source}",
+                 f"method: {self.method}   step: {self.step if self.step is not None else 'unknown'}   "
+                 f"written by hf_ivonpc {self.extra_metadata.get('library_version', 'unknown')}",
+                 f"parameters: {len(self.names)} tensors, {elements:,} elements; "
+                 f"momentum {'saved' if self.momentum else 'not saved'}"]
+        for k, v in self.extra_metadata.items():
+            if k != "library_version":
+                lines.append(f"{k}: {v}")
+        for gi, g in enumerate(self.groups):
+            hyper = ", ".join(f"{k}={v}" for k, v in g.items() if k != "params")
+            lines.append(f"group {gi} ({len(g['params'])} tensors): {hyper}")
+        return "\n".join(lines) + "\n\n" + self.format_summary()
+
+    # ------------------------------------------------------------------ validation
+    def _check_tensors(self) -> None:
+        src = self.source
+        known = set(self.names)
+        for kind, table in (("std", self.std), ("hess", self.hess), ("momentum", self.momentum)):
+            if kind == "momentum" and not table:
+                continue
+            missing = [n for n in self.names if n not in table]
+            if missing:
+                raise ValueError(f"{src}: {len(missing)} parameter(s) have no '{kind}' tensor, e.g. "
+                                 f"{missing[:3]} (the header's groups name {len(self.names)})")
+            extra = [n for n in table if n not in known]
+            if extra:
+                raise ValueError(f"{src}: '{kind}' tensors {extra[:3]} belong to no parameter group "
+                                 "of the header")
+            for n in self.names:
+                t = table[n]
+                if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                    raise ValueError(f"{src}: '{kind}.{n}' has dtype {getattr(t, 'dtype', type(t))}: "
+                                     "expected a floating point tensor")
+                if t.shape != self.std[n].shape:
+                    raise ValueError(f"{src}: '{kind}.{n}' has shape {tuple(t.shape)}, 'std.{n}' "
+                                     f"{tuple(self.std[n].shape)}: expected equal shapes")
+        for g in self.groups:
+            for n in g["params"]:
+                s, h = self.std[n].double(), self.hess[n].double()
+                expected = h.add(g["weight_decay"]).mul(g["ess"]).rsqrt()
+                rtol = max(1e-5, 8 * torch.finfo(self.std[n].dtype).eps)
+                if not (torch.isfinite(s).all() and (s > 0).all()
+                        and torch.allclose(s, expected, rtol=rtol, atol=0.0)):
+                    raise ValueError(f"{src}: 'std.{n}' is not 1 / sqrt(ess (h + weight_decay)) "
+                                     f"with ess={g['ess']}, weight_decay={g['weight_decay']} and its "
+                                     "'hess' tensor (or not finite and > 0): the file is inconsistent")
+
+
+def _check_groups(groups: Any, source: str) -> list[dict]:
+    if not isinstance(groups, list) or not groups:
+        raise ValueError(f"{source}: 'groups' must be a non-empty list of parameter groups, got "
+                         f"{type(groups).__name__}")
+    seen: set[str] = set()
+    out = []
+    for gi, g in enumerate(groups):
+        if not isinstance(g, dict) or not isinstance(g.get("params"), list):
+            raise ValueError(f"{source}: groups[{gi}] must be a dict with a 'params' list of names")
+        for n in g["params"]:
+            if not isinstance(n, str) or not n:
+                raise ValueError(f"{source}: groups[{gi}]['params'] holds {n!r}: expected names")
+            if n in seen:
+                raise ValueError(f"{source}: parameter {n!r} is in two groups")
+            seen.add(n)
+        if not (_number(g.get("ess")) and g["ess"] > 0):
+            raise ValueError(f"{source}: groups[{gi}] ess={g.get('ess')!r} is invalid: accepted "
+                             "range is a finite number > 0")
+        if not (_number(g.get("weight_decay")) and g["weight_decay"] >= 0):
+            raise ValueError(f"{source}: groups[{gi}] weight_decay={g.get('weight_decay')!r} is "
+                             "invalid: accepted range is a finite number >= 0")
+        bad = [k for k, v in g.items() if k != "params" and not _is_scalar(v)]
+        if bad:
+            raise ValueError(f"{source}: groups[{gi}] entries {bad} are not numbers or strings")
+        out.append({**g, "params": list(g["params"])})
+    return out
+
+
+def _resolve(path_or_repo_id, subfolder, revision, token, cache_dir) -> str:
+    p = os.fspath(path_or_repo_id)
+    if os.path.isfile(p):
+        return p
+    if os.path.isdir(p):
+        file = os.path.join(p, subfolder or "", POSTERIOR_NAME)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"{p} holds no {os.path.join(subfolder or '', POSTERIOR_NAME)}: PCTrainer writes one "
+                "for pc_method 'ivon' and 'ivon_pcm' only (alpha_svrg and plain optimizers learn no "
+                "posterior); the authors' GPT-2 layout converts with "
+                "`python -m hf_ivonpc.posterior convert SRC DST`")
+        return file
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(p, POSTERIOR_NAME, subfolder=subfolder, revision=revision,
+                               token=token, cache_dir=cache_dir)
+    except Exception as e:  # not a repo id, offline, missing file: say which
+        raise FileNotFoundError(f"path_or_repo_id={p!r} is neither a local file or folder nor a Hub "
+                                f"repository holding {POSTERIOR_NAME} ({type(e).__name__}: {e})") from e
+
+
+def _read_safetensors(file: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError (bad header, truncated data) or OSError
+        raise ValueError(f"{file} is not a valid safetensors file ({type(e).__name__}: {e}). "
+                         "A posterior is read with safetensors only; nothing is unpickled") from e
+    return meta, tensors
+
+
+def _json_entry(meta: dict[str, str], key: str, file: str) -> Any:
+    if key not in meta:
+        raise ValueError(f"{file}: the header has no '{key}' entry")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: the header entry '{key}' is not valid JSON ({e})") from e
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"the model returned a {type(out).__name__}: expected logits (a tensor, an "
+                    "output with 'logits', or a tuple whose first element is the logits)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m hf_ivonpc.posterior",
+                                     description="Inspect or convert posterior files.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print the summary of a posterior (folder, file or repo id)")
+    info.add_argument("path")
+    conv = sub.add_parser("convert", help="convert the authors' GPT-2 layout (pytorch_model.bin + "
+                                          "optimizer_param_groups.pt) into ours")
+    conv.add_argument("src", help="folder (or Hub repo id) with the authors' files")
+    conv.add_argument("dst", help="new folder for model.safetensors + posterior.safetensors")
+    conv.add_argument("--n-head", type=int, default=None,
+                      help="attention heads when SRC has no config.json (default: n_embd // 64)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            print(Posterior.from_pretrained(args.path).describe())
+        else:
+            from .convert import convert_authors_gpt2
+            post = convert_authors_gpt2(args.src, args.dst, n_head=args.n_head)
+            print(f"wrote {args.dst}\n")
+            print(post.describe())
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""The posterior as an artifact: posterior.safetensors, Posterior, the model card, push_to_hub."""
+
+import os
+import pickle
+import subprocess
+import sys
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from hf_ivonpc import PCTrainer, PCTrainingArguments, Posterior
+from hf_ivonpc.posterior import POSTERIOR_NAME, layer_type
+
+from _tiny_lm import VOCAB, CharWindows, tiny_gpt2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(out, method="ivon", **over):
+    kw = dict(output_dir=str(out), pc_method=method, max_steps=3, learning_rate=0.05,
+              per_device_train_batch_size=4, report_to=[], save_strategy="no", ivon_hess_init=0.1,
+              ivon_ess=1e4, pc_megabatch_factor=2, pc_refresh_steps=1, pc_start_step=1,
+              logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0)
+    if method in ("none", "alpha_svrg"):
+        kw["learning_rate"] = 3e-3
+    kw.update(over)
+    return PCTrainingArguments(**kw)
+
+
+def _batch(n=4):
+    return {"input_ids": torch.stack([CharWindows("val")[i]["input_ids"] for i in range(n)])}
+
+
+def _toy_posterior(model, ess=100.0, wd=1e-3, seed=0):
+    """A posterior over every parameter of ``model`` with random h (no training needed)."""
+    g = torch.Generator().manual_seed(seed)
+    names = [n for n, _ in model.named_parameters()]
+    hess = {n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()}
+    std = {n: h.add(wd).mul(ess).rsqrt() for n, h in hess.items()}
+    return Posterior(std, hess, [{"params": names, "ess": ess, "weight_decay": wd}], method="ivon", step=0)
+
+
+# ---------------------------------------------------------------------------- round trip
+ROUND_TRIP = """
+import runpy, sys, torch
+from safetensors.torch import save_file
+from transformers import GPT2LMHeadModel
+from hf_ivonpc import Posterior
+out, batch_file, result = sys.argv[1:4]
+model = GPT2LMHeadModel.from_pretrained(out)
+post = Posterior.from_pretrained(out, model=model)
+from safetensors.torch import load_file
+batch = load_file(batch_file)
+probs = post.predictive(model, batch, n_samples=3, seed=7)
+save_file({"probs": probs, **{"std." + n: s for n, s in post.std.items()}}, result)
+sys.argv = ["python -m hf_ivonpc.posterior", "info", out]     # the command line, as with -m
+runpy.run_module("hf_ivonpc.posterior", run_name="__main__")
+"""
+
+
+def test_round_trip_in_a_fresh_process(tmp_path):
+    out = tmp_path / "out"
+    trainer = PCTrainer(model=tiny_gpt2(), args=_args(out, save_strategy="steps", save_steps=2),
+                        train_dataset=CharWindows())
+    trainer.train()
+    trainer.save_model()
+    # every checkpoint holds its own posterior, with its step
+    assert Posterior.from_pretrained(out / "checkpoint-2").step == 2
+    opt = trainer.pc_optimizer
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    expected_std = {names[id(p)]: s for p, s in zip([p for g in opt.param_groups for p in g["params"]],
+                                                    opt.posterior_std())}
+    batch = _batch()
+    expected = trainer.posterior().predictive(trainer.model, batch, n_samples=3, seed=7)
+    save_file(batch, tmp_path / "batch.safetensors")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(out), str(tmp_path / "batch.safetensors"),
+                          str(tmp_path / "result.safetensors")], env=env, timeout=120,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    got = load_file(tmp_path / "result.safetensors")
+    assert {k[4:] for k in got if k.startswith("std.")} == set(expected_std)
+    for n, s in expected_std.items():
+        assert torch.equal(got["std." + n], s), n
+    assert torch.equal(got["probs"], expected)
+    # the draws are real: the predictive differs from the mean's probabilities
+    with torch.no_grad():
+        trainer.model.eval()
+        at_mean = trainer.model(**batch).logits.softmax(-1)
+    assert not torch.allclose(at_mean, expected, atol=1e-6)
+
+    # `python -m hf_ivonpc.posterior info` printed the summary
+    assert "method: ivon   step: 3" in run.stdout
+    for kind in ("embeddings", "attention", "mlp", "norm"):
+        assert f"| {kind} |" in run.stdout
+
+
+# ---------------------------------------------------------------------------- sampling
+def test_sample_draws_and_restores_exact_weights():
+    model = tiny_gpt2()
+    post = _toy_posterior(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with post.sample(model, seed=3):
+        z = torch.cat([((p - before[n]) / post.std[n]).flatten() for n, p in model.named_parameters()])
+        first = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05     # theta = m + sigma eps
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    with post.sample(model, seed=3):                                          # same seed, same draw
+        assert all(torch.equal(p, first[n]) for n, p in model.named_parameters())
+    with post.sample(model, seed=4):
+        assert not torch.equal(model.transformer.wte.weight, first["transformer.wte.weight"])
+    with pytest.raises(RuntimeError, match="inside"):
+        with post.sample(model, seed=3):
+            raise RuntimeError("inside the block")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_layer_types_from_parameter_names():
+    assert layer_type("transformer.wte.weight") == "embeddings"
+    assert layer_type("bert.embeddings.LayerNorm.weight") == "norm"
+    assert layer_type("transformer.h.0.attn.c_attn.weight") == "attention"
+    assert layer_type("bert.encoder.layer.0.attention.output.dense.weight") == "attention"
+    assert layer_type("bert.encoder.layer.0.output.dense.weight") == "mlp"
+    assert layer_type("model.layers.0.mlp.gate_proj.weight") == "mlp"
+    assert layer_type("classifier.weight") == "head"
+    assert layer_type("base_model.model.transformer.h.1.attn.c_attn.lora_B.default.weight") == "attention"
+
+
+def test_load_into_optimizer_continues_from_a_saved_posterior(tmp_path):
+    from hf_ivonpc.optim import IVON
+    model = tiny_gpt2()
+    post = _toy_posterior(model)
+    post.save(tmp_path)
+    opt = IVON(model.parameters(), lr=0.1, ess=100.0, hess_init=1.0, weight_decay=1e-3)
+    Posterior.from_pretrained(tmp_path, model=model).load_into_optimizer(opt, model)
+    for s, n in zip(opt.posterior_std(), post.names):
+        assert torch.allclose(s, post.std[n])
+
+
+# ---------------------------------------------------------------------------- bad files
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_corrupt_or_mismatched_files_are_refused(tmp_path):
+    model = tiny_gpt2()
+    good = tmp_path / "good"
+    _toy_posterior(model).save(good)
+    meta, tensors = _header(good / POSTERIOR_NAME), load_file(good / POSTERIOR_NAME)
+
+    def variant(name, tensors=tensors, meta=meta, raw=None):
+        d = tmp_path / name
+        d.mkdir()
+        if raw is not None:
+            (d / POSTERIOR_NAME).write_bytes(raw)
+        else:
+            save_file(tensors, d / POSTERIOR_NAME, metadata=meta)
+        return d
+
+    data = (good / POSTERIOR_NAME).read_bytes()
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        Posterior.from_pretrained(variant("truncated", raw=data[:-100]))
+    marker = tmp_path / "pwned"
+    for i, raw in enumerate([pickle.dumps(_Evil(marker)), _torch_save_bytes(_Evil(marker), tmp_path)]):
+        with pytest.raises(ValueError, match="not a valid safetensors file.*nothing is unpickled"):
+            Posterior.from_pretrained(variant(f"pickle{i}", raw=raw))
+    assert not marker.exists()
+    missing = {k: v for k, v in tensors.items() if k != "hess.transformer.h.0.ln_1.weight"}
+    with pytest.raises(ValueError, match="have no 'hess' tensor.*transformer.h.0.ln_1.weight"):
+        Posterior.from_pretrained(variant("missing", tensors=missing))
+    reshaped = {**tensors, "std.transformer.wpe.weight": tensors["std.transformer.wpe.weight"][:3].contiguous()}
+    with pytest.raises(ValueError, match="transformer.wpe.weight' has shape"):
+        Posterior.from_pretrained(variant("shape", tensors=reshaped))
+    as_int = {**tensors, "std.transformer.wpe.weight": torch.ones(32, 32, dtype=torch.int32)}
+    with pytest.raises(ValueError, match="dtype torch.int32: expected a floating point"):
+        Posterior.from_pretrained(variant("dtype", tensors=as_int))
+    wrong_sigma = {**tensors, "std.transformer.wpe.weight": tensors["std.transformer.wpe.weight"] * 2}
+    with pytest.raises(ValueError, match="is not 1 / sqrt"):
+        Posterior.from_pretrained(variant("sigma", tensors=wrong_sigma))
+    no_format = {k: v for k, v in meta.items() if k != "hf_ivonpc.posterior"}
+    with pytest.raises(ValueError, match="not a posterior"):
+        Posterior.from_pretrained(variant("format", meta=no_format))
+    with pytest.raises(ValueError, match="'groups' is not valid JSON"):
+        Posterior.from_pretrained(variant("json", meta={**meta, "groups": "[{"}))
+    with pytest.raises(ValueError, match="newer"):
+        Posterior.from_pretrained(variant("newer", meta={**meta, "hf_ivonpc.posterior": "99"}))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no posterior.safetensors"):
+        Posterior.from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="neither a local file or folder nor a Hub"):
+        Posterior.from_pretrained(str(tmp_path / "nowhere"))
+
+    # against a model: other shapes, other names; nothing changes before the error
+    other = tiny_gpt2()
+    other.resize_token_embeddings(50)
+    with pytest.raises(ValueError, match=r"'transformer.wte.weight' has shape \(50, 32\), the posterior"):
+        Posterior.from_pretrained(good, model=other)
+    before = {n: p.detach().clone() for n, p in other.named_parameters()}
+    post = Posterior.from_pretrained(good)
+    with pytest.raises(ValueError, match="has shape"):
+        with post.sample(other, seed=0):
+            pass
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())
+    with pytest.raises(ValueError, match="are not in model.named_parameters"):
+        post.check(torch.nn.Linear(3, 3))
+
+
+def _header(file):
+    from safetensors import safe_open
+    with safe_open(str(file), "pt") as f:
+        return f.metadata()
+
+
+def _torch_save_bytes(obj, tmp_path):
+    f = tmp_path / "evil.pt"
+    torch.save(obj, f)
+    return f.read_bytes()
+
+
+def test_a_crash_while_saving_leaves_the_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    model = tiny_gpt2()
+    _toy_posterior(model, seed=0).save(tmp_path)
+    before = (tmp_path / POSTERIOR_NAME).read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_posterior(model, seed=1).save(tmp_path)
+    assert (tmp_path / POSTERIOR_NAME).read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == [POSTERIOR_NAME]        # no temp file left either
+
+
+# ---------------------------------------------------------------------------- LoRA
+def test_a_lora_adapter_carries_its_posterior(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    model = get_peft_model(tiny_gpt2(dropout=0.0), config)
+    trainer = PCTrainer(model=model, args=_args(tmp_path), train_dataset=CharWindows())
+    trainer.train()
+    trainer.save_model()
+    assert {"adapter_model.safetensors", POSTERIOR_NAME} <= set(os.listdir(tmp_path))
+    loaded = PeftModel.from_pretrained(tiny_gpt2(dropout=0.0), tmp_path)
+    post = Posterior.from_pretrained(tmp_path, model=loaded)
+    assert len(post.names) == 4 and all(".lora_" in n for n in post.names)
+    before = {n: p.detach().clone() for n, p in loaded.named_parameters()}
+    with post.sample(loaded, seed=0):
+        changed = {n for n, p in loaded.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(post.names)                       # only the adapters are drawn
+    with pytest.raises(ValueError, match="PeftModel's"):
+        post.check(tiny_gpt2())                             # the bare base model has other names
+
+
+# ---------------------------------------------------------------------------- Hub and card
+class _FakeHub:
+    """Stands in for huggingface_hub.HfApi: records what upload_folder would upload."""
+
+    def __init__(self, fail=False):
+        self.fail, self.uploads = fail, []
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, folder_path, ignore_patterns=None, path_in_repo=None, run_as_future=False, **kw):
+        from huggingface_hub.utils import filter_repo_objects
+        from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+        if self.fail:
+            raise ConnectionError("the Hub is unreachable")
+        root = Path(folder_path)
+        files = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+        kept = set(filter_repo_objects(files, ignore_patterns=list(ignore_patterns or []) + DEFAULT_IGNORE_PATTERNS))
+        self.uploads.append((path_in_repo or "", kept, {f: (root / f).read_bytes() for f in kept}))
+        if run_as_future:
+            done = Future()
+            done.set_result(None)
+            return done
+        return None
+
+
+def _hub_trainer(tmp_path, monkeypatch, hub, method="ivon_pcm", **over):
+    import transformers.trainer
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    kw = dict(push_to_hub=True, hub_model_id="someone/tiny-ivon-pcm", hub_strategy="checkpoint",
+              save_strategy="steps", save_steps=2, pc_start_step=2)
+    args = _args(tmp_path, method, **{**kw, **over})
+    return PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows(),
+                     eval_dataset=CharWindows("val"))
+
+
+def test_push_to_hub_uploads_model_posterior_and_card_together(tmp_path, monkeypatch):
+    hub = _FakeHub()
+    trainer = _hub_trainer(tmp_path, monkeypatch, hub)
+    trainer.train()
+    trainer.evaluate()
+    trainer.push_to_hub()
+    # during training (hub_strategy="checkpoint"): output_dir's files and the resumable checkpoint
+    root_push, ckpt_push = [u for u in hub.uploads[:2]]
+    assert ckpt_push[0] == "last-checkpoint"
+    assert {"optimizer.pt", "scheduler.pt", "trainer_state.json", POSTERIOR_NAME} <= ckpt_push[1]
+    assert {"model.safetensors", POSTERIOR_NAME, "README.md"} <= root_push[1]
+    # the end of training: everything of output_dir but _* and checkpoint-*
+    path, final, contents = hub.uploads[-1]
+    assert path == "" and {"config.json", "model.safetensors", POSTERIOR_NAME, "README.md"} <= final
+    private = [f for f in final if f.startswith(("checkpoint-", "_")) or Path(f).name in
+               ("optimizer.pt", "scheduler.pt", "trainer_state.json") or Path(f).name.startswith("rng_state")]
+    assert private == []
+    # the pushed posterior and weights belong together: the mean is the weights of the same step
+    post = Posterior.from_pretrained(tmp_path, model=trainer.model)
+    assert post.step == 3 and contents[POSTERIOR_NAME] == (tmp_path / POSTERIOR_NAME).read_bytes()
+
+    card = contents["README.md"].decode()
+    from huggingface_hub import ModelCard
+    data = ModelCard(card).data
+    assert data.library_name == "transformers" and "hf_ivonpc" in data.tags
+    assert "IVON-PCM" in card and "SVRG and Beyond via Posterior Correction" in card
+    for name in ("pc_alpha", "pc_rho1", "pc_rho2", "pc_megabatch_factor", "pc_refresh_steps",
+                 "pc_start_step", "pc_mean_term_weight", "pc_shared_noise", "ivon_ess", "ivon_hess_init",
+                 "ivon_beta1", "ivon_beta2", "ivon_clip_radius", "learning_rate", "weight_decay"):
+        assert f"| {name} |" in card, name
+    assert "adamw" not in card.lower()                   # not Trainer's args.optim
+    assert "| eval_loss" in card and "| attention |" in card
+    # the card's snippet runs as written (the repo id pointed at the local folder)
+    snippet = card.split("```python\n")[1].split("```")[0]
+    snippet = snippet.replace('"someone/tiny-ivon-pcm"', repr(str(tmp_path)))
+    snippet = snippet.replace("inputs = ...", "inputs = BATCH")
+    scope = {"BATCH": _batch(2)}
+    exec(snippet, scope)
+    assert scope["probs"].shape == (2, 32, len(VOCAB))
+
+
+def test_a_failed_upload_loses_nothing_local(tmp_path, monkeypatch):
+    import transformers.trainer
+    trainer = _hub_trainer(tmp_path, monkeypatch, _FakeHub(), "ivon", save_strategy="no", max_steps=1)
+    trainer.train()
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: _FakeHub(fail=True))
+    with pytest.raises(ConnectionError):
+        trainer.push_to_hub()
+    Posterior.from_pretrained(tmp_path, model=type(trainer.model).from_pretrained(tmp_path))
+    assert "**IVON**" in (tmp_path / "README.md").read_text()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("_tmp")]
+
+
+def test_pushed_files_hold_no_hub_token(tmp_path, monkeypatch):
+    hub = _FakeHub()
+    trainer = _hub_trainer(tmp_path, monkeypatch, hub, save_strategy="no", hub_token="hf_NotARealToken123")
+    trainer.push_to_hub()
+    assert not [f for f, b in hub.uploads[-1][2].items() if b"hf_NotARealToken123" in b]
+
+
+@pytest.mark.parametrize("method", ["alpha_svrg", "none"])
+def test_methods_without_a_posterior_write_none_and_the_card_says_what_was_used(tmp_path, method):
+    (tmp_path / POSTERIOR_NAME).write_bytes(b"a stale file of an earlier run")
+    trainer = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, method, max_steps=1, pc_start_step=0),
+                        train_dataset=CharWindows())
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    assert POSTERIOR_NAME not in os.listdir(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "no `posterior.safetensors`" in card and "| optim | adamw_torch" in card
+    assert ("alpha-SVRG" in card) == ("| base optimizer | AdamW |" in card) == (method == "alpha_svrg")
+    assert "Posterior.from_pretrained" not in card
+
+
+# ---------------------------------------------------------------------------- uncertainty
+def test_predictive_uncertainty_is_meaningful(tmp_path):
+    """A small MLP on scikit-learn's digits, trained with IVON: the posterior predictive is no
+    worse calibrated than the mean, and more uncertain far from the training data."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+    from transformers import EvalPrediction
+
+    from hf_ivonpc.metrics import classification_metrics
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16
+    y = torch.tensor(digits.target)
+
+    class Digits(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1500
+
+        def __getitem__(self, i):
+            return {"pixels": x[i], "labels": y[i]}
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.classifier = torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+
+        def forward(self, pixels, labels=None):
+            logits = self.classifier(torch.relu(self.hidden(pixels)))
+            return {"logits": logits} if labels is None else {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+    torch.manual_seed(0)
+    model = MLP()
+    args = _args(tmp_path, "ivon", max_steps=150, per_device_train_batch_size=32, learning_rate=0.5,
+                 ivon_ess=1500.0, ivon_hess_init=0.5, ivon_beta2=0.99, ivon_clip_radius=float("inf"),
+                 lr_scheduler_type="constant", logging_steps=1000)
+    trainer = PCTrainer(model=model, args=args, train_dataset=Digits())
+    trainer.train()
+    post = trainer.posterior()
+    model.eval()
+    test_x, test_y = x[1500:], y[1500:]
+    far = 3 * torch.rand(300, 64, generator=torch.Generator().manual_seed(1))
+
+    def entropy(p):
+        return -(p * p.clamp_min(1e-30).log()).sum(-1).mean().item()
+    with torch.no_grad():
+        mean_logits = model(test_x)["logits"]
+        mean_train, mean_far = (model(v)["logits"].softmax(-1) for v in (x[:300], far))
+    pred = post.predictive(model, {"pixels": test_x}, n_samples=32, seed=0)
+    pred_train, pred_far = (post.predictive(model, {"pixels": v}, n_samples=32, seed=0) for v in (x[:300], far))
+    at_mean = classification_metrics(EvalPrediction(mean_logits.numpy(), test_y.numpy()))
+    predictive = classification_metrics(EvalPrediction(pred.log().numpy(), test_y.numpy()))
+    print(f"\ndigits MLP, IVON 150 steps: accuracy mean {at_mean['accuracy']:.3f} predictive "
+          f"{predictive['accuracy']:.3f}; ECE mean {at_mean['ece']:.4f} predictive {predictive['ece']:.4f}; "
+          f"NLL mean {at_mean['nll']:.3f} predictive {predictive['nll']:.3f}; entropy train inputs "
+          f"mean {entropy(mean_train):.3f} predictive {entropy(pred_train):.3f}, far inputs mean "
+          f"{entropy(mean_far):.3f} predictive {entropy(pred_far):.3f}")
+    assert at_mean["accuracy"] > 0.75
+    assert predictive["ece"] <= at_mean["ece"]
+    assert entropy(pred_far) > entropy(pred_train)
+    # and the draws add more uncertainty far from the data than on it
+    assert entropy(pred_far) - entropy(mean_far) > entropy(pred_train) - entropy(mean_train)
+
+
+def test_after_load_best_model_at_end_the_saved_posterior_is_the_best_checkpoints(tmp_path):
+    # greater_is_better=True makes the *highest* eval loss the best: an early checkpoint, so the
+    # weights at the end are not the optimizer's last mean
+    args = _args(tmp_path, max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps",
+                 eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                 greater_is_better=True, learning_rate=0.5, per_device_eval_batch_size=48)
+    trainer = PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows(),
+                        eval_dataset=CharWindows("val"))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")
+    trainer.save_model()
+    assert (tmp_path / POSTERIOR_NAME).read_bytes() == (Path(best) / POSTERIOR_NAME).read_bytes()
+    assert Posterior.from_pretrained(tmp_path, model=trainer.model).step == 2
