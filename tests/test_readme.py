@@ -56,3 +56,19 @@ def test_readme_trainer_example_runs(tmp_path):
     trainer = ns["trainer"]
     assert trainer.pc_optimizer._pc["refreshes"] == 2
     assert trainer.evaluate()["eval_loss"] < 4.0   # 4.34 at initialisation, 3.88 measured
+
+
+def test_readme_posterior_example_runs(tmp_path):
+    from _tiny_lm import CharWindows, tiny_gpt2
+    from hf_ivonpc import PCTrainer, PCTrainingArguments
+    [code] = [b for b in _python_blocks() if "Posterior.from_pretrained" in b]
+    args = PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon", max_steps=3, use_cpu=True,
+                               report_to=[], save_strategy="no", disable_tqdm=True)
+    trainer = PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows())
+    trainer.train()
+    trainer.save_model()
+    ns = dict(input_ids=CharWindows("val")[0]["input_ids"][None])
+    exec(compile(code.replace('"results/pretrain"', f'"{tmp_path}"'), "README.md", "exec"), ns)
+    probs = ns["probs"]
+    assert probs.shape == ns["logits"].shape
+    assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
