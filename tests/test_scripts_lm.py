@@ -31,6 +31,8 @@ def test_prepare_data_then_pretrain_writes_results(tmp_path):
     assert math.isclose(saved["eval_perplexity"], math.exp(saved["eval_loss"]), rel_tol=1e-9)
     assert saved["n_params"] > 1e6                                  # GPT-2's vocabulary dominates
     assert (out / "training_curves.png").stat().st_size > 1000
+    card = (out / "README.md").read_text()
+    assert "IVON-PCM" in card and "eval_perplexity" in card
     history = json.loads((out / "log_history.json").read_text())
     assert any("pc/g_out_norm" in r for r in history)               # the correction ran
     assert any("eval_perplexity" in r for r in history)             # and reached the logs

@@ -92,11 +92,13 @@ def load_pretrained(loader, name_or_path: str, what: str = "model", **kwargs):
 
 
 def finish(trainer, metrics: dict, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> dict:
-    """Save the final metrics (``all_results.json``), the trainer state and the training curves
-    (``training_curves.png`` beside ``log_history.json``) in ``output_dir``, on the main process."""
+    """Save the final metrics (``all_results.json``), the model card (``README.md``), the trainer
+    state and the training curves (``training_curves.png`` beside ``log_history.json``) in
+    ``output_dir``, on the main process."""
     from ..plotting import plot_log_history
 
     trainer.save_metrics("all", metrics)  # all_results.json
+    trainer.create_model_card()           # README.md: method, hyperparameters, metrics, posterior
     if trainer.is_world_process_zero():
         trainer.save_state()
         out = Path(trainer.args.output_dir)
