@@ -21,7 +21,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments
-from hf_ivonpc.tasks.cli import CONFIGS, finish, load_pretrained, parse_args
+from hf_ivonpc.tasks.cli import CONFIGS, load_pretrained, parse_args, train_and_report
 from hf_ivonpc.tasks.lm import attn_implementation, prepared_data, window_datasets
 
 
@@ -85,14 +85,8 @@ def build_trainer(args: ContinualArguments, targs: PCTrainingArguments, callback
 def main(argv=None) -> dict:
     args, targs = parse_args((ContinualArguments, PCTrainingArguments), CONFIGS / "continual_offline.yaml", argv)
     trainer, info = build_trainer(args, targs)
-    result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    metrics = dict(result.metrics, **info)
-    metrics.update(trainer.evaluate())
-    trainer.save_model()
-    finish(trainer, metrics, plot_keys=("loss", "eval_loss", "eval_perplexity"))
-    if targs.push_to_hub:
-        trainer.push_to_hub(dataset=args.dataset, tags=["hf_ivonpc", targs.pc_method])
-    return metrics
+    return train_and_report(trainer, dataset=args.dataset, metrics=info,
+                            plot_keys=("loss", "eval_loss", "eval_perplexity"))
 
 
 def init_optimizer_from_posterior(trainer, name: str) -> str | None:

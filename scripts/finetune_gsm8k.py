@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
 from hf_ivonpc.tasks import gsm8k as G  # noqa: E402
-from hf_ivonpc.tasks.cli import CONFIGS, finish, parse_args  # noqa: E402
+from hf_ivonpc.tasks.cli import CONFIGS, parse_args, train_and_report  # noqa: E402
 from hf_ivonpc.tasks.sft import (data_collator, evaluate_generation, load_causal_lm,  # noqa: E402
                                  load_tokenizer, lora_target_modules)
 
@@ -108,17 +108,11 @@ def main(argv=None) -> dict:
                                            predictions_file=f"{prefix}_predictions.jsonl"))
         return metrics
 
-    metrics = {"n_params": n_params, "n_trainable_params": n_trainable, "train_examples": len(train)}
-    if args.eval_before_training:
-        metrics.update(evaluate("base"))
-    result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    metrics.update(result.metrics)
-    metrics.update(evaluate("eval"))
-    trainer.save_model()
-    finish(trainer, metrics, plot_keys=("loss", "eval_loss", "eval_exact_match"))
-    if targs.push_to_hub:
-        trainer.push_to_hub(dataset=args.dataset, tags=["hf_ivonpc", targs.pc_method, "lora", "gsm8k"])
-    return metrics
+    return train_and_report(trainer, dataset=args.dataset, tags=("lora", "gsm8k"),
+                            metrics={"n_params": n_params, "n_trainable_params": n_trainable,
+                                     "train_examples": len(train)},
+                            evaluate=evaluate, before="base" if args.eval_before_training else None,
+                            plot_keys=("loss", "eval_loss", "eval_exact_match"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
 from hf_ivonpc.metrics import classification_metrics  # noqa: E402
 from hf_ivonpc.tasks import vision  # noqa: E402
-from hf_ivonpc.tasks.cli import CONFIGS, finish, load_pretrained, parse_args  # noqa: E402
+from hf_ivonpc.tasks.cli import CONFIGS, load_pretrained, parse_args, train_and_report  # noqa: E402
 
 
 @dataclass
@@ -99,21 +99,18 @@ def main(argv=None) -> dict:
     trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=evals,
                         processing_class=processor, data_collator=default_data_collator,
                         compute_metrics=classification_metrics)
-    metrics = {}
-    if args.zero_shot_eval:
-        metrics.update(trainer.evaluate(metric_key_prefix="zeroshot"))
-    result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    metrics.update(result.metrics, n_trained_params=n_trained, n_classes=len(class_names))
-    metrics.update(trainer.evaluate())
-    if targs.eval_mc_samples > 0:   # the posterior mean too, beside the predictive
-        mc, targs.eval_mc_samples = targs.eval_mc_samples, 0
-        metrics.update(trainer.evaluate(metric_key_prefix="eval_mean"))
-        targs.eval_mc_samples = mc
-    trainer.save_model()
-    finish(trainer, metrics, plot_keys=("loss", "eval_loss", "eval_accuracy"))
-    if targs.push_to_hub:
-        trainer.push_to_hub(dataset=args.dataset, tags=["hf_ivonpc", targs.pc_method, "clip"])
-    return metrics
+    def evaluate(prefix: str) -> dict:
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+        if prefix == "eval" and targs.eval_mc_samples > 0:   # the posterior mean too, beside the predictive
+            mc, targs.eval_mc_samples = targs.eval_mc_samples, 0
+            metrics.update(trainer.evaluate(metric_key_prefix="eval_mean"))
+            targs.eval_mc_samples = mc
+        return metrics
+
+    return train_and_report(trainer, dataset=args.dataset, tags=("clip",),
+                            metrics={"n_trained_params": n_trained, "n_classes": len(class_names)},
+                            evaluate=evaluate, before="zeroshot" if args.zero_shot_eval else None,
+                            plot_keys=("loss", "eval_loss", "eval_accuracy"))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from transformers import default_data_collator
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments
-from hf_ivonpc.tasks.cli import CONFIGS, finish, parse_args
+from hf_ivonpc.tasks.cli import CONFIGS, parse_args, train_and_report
 from hf_ivonpc.tasks.lm import gpt2_model, load_tokenizer, prepared_data, window_datasets
 
 
@@ -70,14 +70,8 @@ def build_trainer(args: PretrainArguments, targs: PCTrainingArguments, callbacks
 def main(argv=None) -> dict:
     args, targs = parse_args((PretrainArguments, PCTrainingArguments), CONFIGS / "pretrain_offline.yaml", argv)
     trainer, info = build_trainer(args, targs)
-    result = trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
-    metrics = dict(result.metrics, **info)
-    metrics.update(trainer.evaluate())
-    trainer.save_model()
-    finish(trainer, metrics, plot_keys=("loss", "eval_loss", "eval_perplexity"))
-    if targs.push_to_hub:
-        trainer.push_to_hub(dataset=args.dataset, tags=["hf_ivonpc", targs.pc_method])
-    return metrics
+    return train_and_report(trainer, dataset=args.dataset, metrics=info,
+                            plot_keys=("loss", "eval_loss", "eval_perplexity"))
 
 
 if __name__ == "__main__":

@@ -91,6 +91,26 @@ def load_pretrained(loader, name_or_path: str, what: str = "model", **kwargs):
             "copy DIR here and pass its path") from e
 
 
+def train_and_report(trainer, *, dataset: str, plot_keys: tuple[str, ...], tags: tuple[str, ...] = (),
+                     metrics: dict | None = None, evaluate=None, before: str | None = None) -> dict:
+    """The end of every script: optionally evaluate first (``before`` is the metric prefix, e.g.
+    "base"), train (resuming from ``resume_from_checkpoint``), evaluate ("eval"), save the model,
+    :func:`finish`, and push when ``push_to_hub`` is set. ``evaluate(prefix)`` defaults to
+    ``trainer.evaluate(metric_key_prefix=prefix)``; ``metrics`` are extra figures to report."""
+    evaluate = evaluate or (lambda prefix: trainer.evaluate(metric_key_prefix=prefix))
+    metrics = dict(metrics or {})
+    if before:
+        metrics.update(evaluate(before))
+    result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    metrics.update(result.metrics)
+    metrics.update(evaluate("eval"))
+    trainer.save_model()
+    finish(trainer, metrics, plot_keys=plot_keys)
+    if trainer.args.push_to_hub:
+        trainer.push_to_hub(dataset=dataset, tags=["hf_ivonpc", trainer.args.pc_method, *tags])
+    return metrics
+
+
 def finish(trainer, metrics: dict, plot_keys: tuple[str, ...] = ("loss", "eval_loss")) -> dict:
     """Save the final metrics (``all_results.json``), the model card (``README.md``), the trainer
     state and the training curves (``training_curves.png`` beside ``log_history.json``) in
