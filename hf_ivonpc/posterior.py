@@ -100,6 +100,12 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.close(fd)
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded DTensor (a collective over its mesh), or ``t`` itself."""
+    from .optim._base import is_sharded
+    return t.full_tensor() if is_sharded(t) else t
+
+
 def _is_scalar(v: Any) -> bool:
     return v is None or isinstance(v, (bool, int, float, str))
 
@@ -194,8 +200,8 @@ class Posterior:
         if not hasattr(opt, "posterior_std"):
             raise ValueError(f"optimizer is a {type(opt).__name__}, which keeps no posterior: "
                              "accepted are hf_ivonpc's IVON and IVONPC")
+        from .optim.ivon import sigma_from_hess
         names = {id(p): n for n, p in model.named_parameters()}
-        stds = iter(opt.posterior_std())
         std, hess, momentum, groups = {}, {}, {}, []
         for gi, group in enumerate(opt.param_groups):
             gnames = []
@@ -206,9 +212,11 @@ class Posterior:
                                      f"{tuple(p.shape)} that model.named_parameters() does not name: "
                                      "pass the model the optimizer was built on")
                 gnames.append(n)
-                std[n] = next(stds).detach().to("cpu", copy=True)
-                hess[n] = opt.state[p]["hess"].detach().to("cpu", copy=True)
-                momentum[n] = opt.state[p]["momentum"].detach().to("cpu", copy=True)
+                # sharded (FSDP) state is gathered: every rank must call this
+                h, m = (_full(opt.state[p][k]).detach() for k in ("hess", "momentum"))
+                std[n] = sigma_from_hess(h, group).to("cpu")
+                hess[n] = h.to("cpu", copy=True)
+                momentum[n] = m.to("cpu", copy=True)
             hyper = {k: v for k, v in group.items() if k not in ("params", "step") and _is_scalar(v)}
             groups.append({"params": gnames, **hyper})
         if method is None:
@@ -339,11 +347,12 @@ class Posterior:
         if not hasattr(opt, "posterior_std") or covered != {id(p) for p in params.values()}:
             raise ValueError("optimizer must be an IVON or IVONPC over exactly the posterior's "
                              f"{len(params)} parameters")
+        from .optim._base import local, local_part
         with torch.no_grad():
             for n, p in params.items():
-                opt.state[p]["hess"].copy_(self.hess[n])
+                local(opt.state[p]["hess"]).copy_(local_part(p, self.hess[n]))
                 if self.momentum:
-                    opt.state[p]["momentum"].copy_(self.momentum[n])
+                    local(opt.state[p]["momentum"]).copy_(local_part(p, self.momentum[n]))
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> list[dict]:

@@ -24,6 +24,14 @@ The protocol of posterior correction, shared by IVON-PCM and the SVRG family::
 
 Leaving a ``sampled_params(train=True)`` block *consumes* the gradients: they are added to the
 optimizer's accumulators and ``p.grad`` is set to ``None``, so the next pass starts clean.
+
+Sharded parameters (FSDP2's ``fully_shard``: DTensors sharded on a 1-D mesh): the flat buffers
+cover each rank's local shards only. Every rank draws the noise of its own shards, so the
+all-gathered theta is one draw shared by all ranks, and FSDP's reduce-scatter hands each rank the
+average over ranks of the gradients at that draw: every statistic is paired with its own noise
+and no further averaging is needed (``sync`` must stay False). Gradient clipping all-reduces the
+squared norm of the shards. ``self.state[p]`` holds DTensors over the same memory, so that
+``torch.distributed.checkpoint`` saves and loads the state sharded.
 """
 
 from __future__ import annotations
@@ -38,6 +46,34 @@ from . import _kernels
 from ._kernels import run_kernel
 
 SAMPLE_ROLES = ("in", "out", "mega")
+
+try:  # DTensor: FSDP2's sharded parameters
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = Shard = None
+
+
+def is_sharded(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (the tensor itself otherwise), without autograd tracking."""
+    if is_sharded(t):
+        with torch.no_grad():
+            return t.to_local()
+    return t
+
+
+def local_part(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """The part of a full-size tensor ``full`` that this rank holds of the sharded parameter ``p``."""
+    if not is_sharded(p):
+        return full
+    if is_sharded(full):
+        return local(full)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 #: with ``fused=None``, groups smaller than this run eagerly (a compiled call costs ~0.1 ms)
 FUSE_MIN_NUMEL = 1 << 16
 
@@ -116,6 +152,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
 
     persistent_buffers: tuple[str, ...] = ()
     transient_buffers: tuple[str, ...] = ()
+    #: whether sharded (DTensor) parameters are supported
+    supports_sharding: bool = True
     #: whether the method has an outer loop (posterior correction / SVRG)
     corrects: bool = False
 
@@ -148,6 +186,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         pdtype = next(iter(dtypes))
         if not pdtype.is_floating_point:
             raise ValueError(f"params have dtype {pdtype}: accepted are floating dtypes")
+        self._shard_group = self._check_sharding(all_params)
         self._device = next(iter(devices))
         # state is fp32 (fp64 when parameters are fp64), whatever the parameters' dtype
         self._dtype = torch.float64 if pdtype == torch.float64 else torch.float32
@@ -184,23 +223,62 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self._record_param_versions()
 
     # ------------------------------------------------------------------ buffers
+    def _check_sharding(self, params: list[torch.Tensor]):
+        """The process group that shards the parameters (None when none is sharded)."""
+        sharded = [p for p in params if is_sharded(p)]
+        if not sharded:
+            return None
+        if len(sharded) != len(params):
+            raise ValueError(f"params mixes {len(sharded)} sharded (DTensor) and "
+                             f"{len(params) - len(sharded)} plain tensors: accepted is all or none "
+                             "sharded (apply fully_shard to the root module too)")
+        if not self.supports_sharding:
+            raise ValueError(f"{type(self).__name__} does not support sharded (DTensor) parameters")
+        mesh = sharded[0].device_mesh
+        for p in sharded:
+            if (p.device_mesh != mesh or p.device_mesh.ndim != 1
+                    or not all(isinstance(pl, Shard) for pl in p.placements)):
+                raise ValueError(f"a parameter is a DTensor with placements {p.placements} on mesh "
+                                 f"{p.device_mesh}: accepted are Shard placements on one 1-D mesh "
+                                 "(FSDP2's fully_shard)")
+        return mesh.get_group()
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are sharded over ranks (FSDP2)."""
+        return self._shard_group is not None
+
+    def _params(self, gi: int) -> list[torch.Tensor]:
+        """Group ``gi``'s parameters as plain tensors (each rank's shards when sharded)."""
+        ps = self.param_groups[gi]["params"]
+        return [local(p) for p in ps] if self._shard_group is not None else ps
+
+    def _state_view(self, p: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """What ``self.state[p]`` shows of a buffer view: a DTensor over it for a sharded ``p``."""
+        if not is_sharded(p):
+            return view
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
+
     def _init_group(self, group: dict) -> None:
-        numel = sum(p.numel() for p in group["params"])
+        gi = len(self._flat)
+        params = self._params(gi)
+        numel = sum(p.numel() for p in params)
         flat = {name: torch.zeros(numel, device=self._device, dtype=self._dtype)
                 for name in self.persistent_buffers + self.transient_buffers}
         views: dict[str, list[torch.Tensor]] = {name: [] for name in flat}
         offset = 0
-        for p in group["params"]:
+        for p in params:
             n = p.numel()
             for name, buf in flat.items():
                 views[name].append(buf[offset:offset + n].view_as(p))
             offset += n
         for i, p in enumerate(group["params"]):
-            self.state[p] = {name: views[name][i] for name in self.persistent_buffers}
+            self.state[p] = {name: self._state_view(p, views[name][i]) for name in self.persistent_buffers}
         self._flat.append(flat)
         self._views.append(views)
         with torch.no_grad():
-            torch._foreach_copy_(views["mean"], group["params"])
+            torch._foreach_copy_(views["mean"], params)
         self._init_state(group, flat)
 
     def _init_state(self, group: dict, flat: dict[str, torch.Tensor]) -> None:
@@ -228,22 +306,24 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         _kernels.standard_normal_(buf, self.generator)
 
     # ------------------------------------------------- parameters <-> mean buffer
+    def _param_versions(self) -> list[tuple[int, int]]:
+        return [(p._version, p.data_ptr()) for gi in range(len(self.param_groups)) for p in self._params(gi)]
+
     def _record_param_versions(self) -> None:
-        self._versions = [(p._version, p.data_ptr()) for g in self.param_groups for p in g["params"]]
+        self._versions = self._param_versions()
 
     def _sync_mean(self) -> None:
         """Take the mean from the parameters if someone changed them outside the optimizer."""
-        now = [(p._version, p.data_ptr()) for g in self.param_groups for p in g["params"]]
-        if now != self._versions:
+        if self._param_versions() != self._versions:
             with torch.no_grad():
-                for gi, group in enumerate(self.param_groups):
-                    torch._foreach_copy_(self._views[gi]["mean"], group["params"])
+                for gi in range(len(self.param_groups)):
+                    torch._foreach_copy_(self._views[gi]["mean"], self._params(gi))
             self._record_param_versions()
 
     @torch.no_grad()
     def _write_params(self, name: str = "mean") -> None:
-        for gi, group in enumerate(self.param_groups):
-            torch._foreach_copy_(group["params"], self._views[gi][name])
+        for gi in range(len(self.param_groups)):
+            torch._foreach_copy_(self._params(gi), self._views[gi][name])
         self._record_param_versions()
 
     # ------------------------------------------------------------ the protocol
@@ -311,7 +391,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not idx:
                 continue
-            grads = [group["params"][i].grad for i in idx]
+            grads = [local(group["params"][i].grad) for i in idx]
             if any(g.is_sparse for g in grads):
                 raise ValueError("sparse gradients are not supported")
             if grads[0].dtype != self._dtype:
@@ -328,11 +408,16 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         if self.max_grad_norm is None:
             return
         check_positive("max_grad_norm", self.max_grad_norm)
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack(
-            [n.to(self._dtype) for n in torch._foreach_norm(grads)]))
+        norms = torch.stack([n.to(self._dtype) for n in torch._foreach_norm(grads)])
+        if self._shard_group is None:
+            norm = torch.linalg.vector_norm(norms)
+        else:   # the norm of the whole gradient, from every rank's shards
+            sq = norms.square().sum()
+            torch.distributed.all_reduce(sq, group=self._shard_group)
+            norm = sq.sqrt()
         if record:
             self.last_grad_norm = norm
         scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -424,7 +509,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 ranges = [slice(0, self._flat[gi]["mean"].numel())]
             else:  # parameters without gradients keep mean and state unchanged
                 ranges, off = [], 0
-                for p, s in zip(group["params"], seen):
+                for p, s in zip(self._params(gi), seen):
                     if s:
                         ranges.append(slice(off, off + p.numel()))
                     off += p.numel()
@@ -476,7 +561,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                     plan.append((gi, i, name, t))
         with torch.no_grad():
             for gi, i, name, t in plan:
-                self._views[gi][name][i].copy_(t)
+                self._views[gi][name][i].copy_(local_part(self.param_groups[gi]["params"][i], t))
             for group, saved in zip(self.param_groups, groups):
                 for k, v in saved.items():
                     if k != "params":
@@ -485,8 +570,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             self.generator.set_state(extra["generator"].cpu())
             # the parameters are the source of truth for the mean, unless they hold a rounded
             # copy of the fp32 master kept here (low-precision parameters)
-            for gi, group in enumerate(self.param_groups):
-                for p, m in zip(group["params"], self._views[gi]["mean"]):
+            for gi in range(len(self.param_groups)):
+                for p, m in zip(self._params(gi), self._views[gi]["mean"]):
                     if p.dtype == self._dtype or not torch.equal(m.to(p.dtype), p.detach()):
                         m.copy_(p.detach())
             self._after_load()
@@ -516,6 +601,9 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
     def _all_reduce(self, names) -> None:
         """With ``sync``, average the collected statistics over ranks (each rank has paired its
         gradients with its own noise first, so a Hessian estimate stays unbiased)."""
+        if self.sync and self._shard_group is not None:
+            raise ValueError("sync=True with sharded (FSDP) parameters: accepted is sync=False, since "
+                             "FSDP's reduce-scatter already averages gradients made with shared noise")
         if self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
             for flat in self._flat:

@@ -98,7 +98,7 @@ class IVON(FlatStateOptimizer):
         self._materialize_nxg()
         for gi, group in enumerate(self.param_groups):
             self._draw_noise(gi, group)
-            torch._foreach_add_(group["params"], self._views[gi]["noise"])
+            torch._foreach_add_(self._params(gi), self._views[gi]["noise"])
 
     def _collect(self, gi, group, at, grads, idx):
         # A step's first and only in-sample (the common case) leaves noise x grad unformed: the
@@ -163,8 +163,10 @@ class IVON(FlatStateOptimizer):
     @torch.no_grad()
     def posterior_std(self) -> list[torch.Tensor]:
         """sigma = 1 / sqrt(ess (h + weight_decay)) per parameter (new tensors)."""
-        out = []
-        for gi, group in enumerate(self.param_groups):
-            for h in self._views[gi]["hess"]:
-                out.append(h.add(group["weight_decay"]).mul_(group["ess"]).rsqrt_())
-        return out
+        return [sigma_from_hess(h, group) for gi, group in enumerate(self.param_groups)
+                for h in self._views[gi]["hess"]]
+
+
+def sigma_from_hess(h: torch.Tensor, group: dict) -> torch.Tensor:
+    """sigma = 1 / sqrt(ess (h + weight_decay)) for a parameter of ``group`` (a new tensor)."""
+    return h.add(group["weight_decay"]).mul_(group["ess"]).rsqrt_()

@@ -92,7 +92,7 @@ class IVONPC(IVON):
             else:
                 self._draw_standard_normal(flat["noise"])
                 flat["noise"].mul_(flat["sigma_out"])
-            binary_out(torch.add, group["params"], self._views[gi]["m_out"], self._views[gi]["noise"])
+            binary_out(torch.add, self._params(gi), self._views[gi]["m_out"], self._views[gi]["noise"])
         # the noise buffer now holds theta_out - m_out
         self._last_draw = "out"
 

@@ -81,7 +81,7 @@ class AlphaSVRG(FlatStateOptimizer):
     # ------------------------------------------------------------------ sampling
     def _draw(self, at: str) -> None:
         for gi, group in enumerate(self.param_groups):
-            params, views, sd = group["params"], self._views[gi], group["noise_std"]
+            params, views, sd = self._params(gi), self._views[gi], group["noise_std"]
             fresh = not (at == "out" and self.shared_noise)
             if sd > 0 and fresh:
                 self._draw_standard_normal(self._flat[gi]["noise"])

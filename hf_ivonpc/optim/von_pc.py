@@ -25,7 +25,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ._base import (CorrectionSchedule, check_arg, check_int_min, check_nonneg, check_positive,
+from ._base import (CorrectionSchedule, is_sharded, check_arg, check_int_min, check_nonneg, check_positive,
                     check_unit, make_generator)
 
 #: the per-group hyperparameters; VON-PC has one posterior over all parameters, so every group
@@ -223,6 +223,9 @@ class VONPC(CorrectionSchedule, torch.optim.Optimizer):
             raise ValueError("params must be tensors: accepted are torch.nn.Parameter / tensors")
         if len(set(map(id, plist))) != len(plist):
             raise ValueError("params contains the same tensor twice: accepted is each parameter once")
+        if any(is_sharded(p) for p in plist):
+            raise ValueError("VONPC does not support sharded (DTensor) parameters: it keeps a full "
+                             "covariance over all of them")
         devices = {p.device for p in plist}
         dtypes = {p.dtype for p in plist}
         if len(devices) > 1:

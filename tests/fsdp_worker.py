@@ -1,0 +1,140 @@
+"""Worker of tests/test_fsdp.py: the optimizers over FSDP2-sharded parameters (torchrun, gloo, CPU).
+
+Each rank trains a small MLP wrapped with ``fully_shard`` on its half of a global batch; then, on
+rank 0 only, the same steps run in one process on the whole batch without sharding. The "noise"
+is a fixed function of each element's index in its whole parameter (a subclass overrides the
+draw), so both runs see the same theta draws and must agree up to summation order. Rank 0 writes
+the largest differences to the JSON file named on the command line.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/fsdp_worker.py OUT.json
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hf_ivonpc import Posterior
+from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
+from hf_ivonpc.optim._base import is_sharded, local_part
+
+STEPS, BATCH, REFRESH, MEGA = 6, 8, 3, 2
+
+
+class IndexNoise:
+    """Noise = cos(0.7 * index in the whole parameter + draw number): the same on any sharding."""
+
+    def _draw_standard_normal(self, buf):
+        self._draws = getattr(self, "_draws", 0) + 1
+        gi = next(i for i, f in enumerate(self._flat) if f["noise"] is buf)
+        for p, view in zip(self.param_groups[gi]["params"], self._views[gi]["noise"]):
+            idx = torch.arange(p.numel(), dtype=buf.dtype).view(p.shape)
+            view.copy_(torch.cos(0.7 * local_part(p, idx) + self._draws))
+
+
+def make(name, params):
+    kw = dict(fused=False)
+    if name == "ivon":
+        cls, kw = type("I", (IndexNoise, IVON), {}), dict(kw, lr=0.1, ess=1e3, hess_init=0.5, seed=0)
+    elif name == "ivon_pcm":
+        cls = type("P", (IndexNoise, IVONPC), {})
+        kw = dict(kw, lr=0.1, ess=1e3, hess_init=0.5, alpha=1.0, refresh_every=REFRESH, start_step=1, seed=0)
+    else:
+        cls = type("S", (IndexNoise, AlphaSVRG), {})
+        kw = dict(kw, lr=1e-2, alpha=0.5, refresh_every=REFRESH, start_step=1, seed=0)
+    opt = cls(params, **kw)
+    opt.max_grad_norm = 0.5   # small enough to clip: the norm must be the whole gradient's
+    return opt
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def data(step, role="in"):
+    g = torch.Generator().manual_seed(1000 * step + {"in": 0, "mega": 1}[role])
+    return torch.randn(BATCH * MEGA, 5, generator=g), torch.randint(0, 3, (BATCH * MEGA,), generator=g)
+
+
+def train(name, net, part):
+    """``part(x)``: this process's share of a batch."""
+    opt = make(name, [{"params": list(net[0].parameters()), "weight_decay": 1e-3},
+                      {"params": list(net[2].parameters()), "weight_decay": 0.0}])
+    lossf = nn.CrossEntropyLoss()
+    for step in range(STEPS):
+        if opt.corrects and opt.needs_refresh:
+            x, y = data(step, "mega")
+            with opt.refreshing():
+                for k in range(MEGA):   # each micro-batch of the mega-batch its own draw
+                    xs, ys = x[k * BATCH:(k + 1) * BATCH], y[k * BATCH:(k + 1) * BATCH]
+                    with opt.sampled_params(train=True, at="mega"):
+                        lossf(net(part(xs)), part(ys)).backward()
+        x, y = data(step)
+        x, y = x[:BATCH], y[:BATCH]
+        with opt.sampled_params(train=True):
+            lossf(net(part(x)), part(y)).backward()
+        if opt.correction_active:
+            with opt.sampled_params(train=True, at="out"):
+                lossf(net(part(x)), part(y)).backward()
+        opt.step()
+    return opt
+
+
+def full(t):
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def main(out):
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    from torch.distributed.fsdp import fully_shard
+    report = {}
+    for name in ("ivon", "ivon_pcm", "alpha_svrg"):
+        net = model()
+        fully_shard(net[0])
+        fully_shard(net[2])
+        fully_shard(net)
+        share = BATCH // world
+        opt = train(name, net, lambda t: t[rank * share:(rank + 1) * share])
+        sharded = {"params": [full(p).detach() for p in net.parameters()],
+                   "state": [full(s).detach() for g in opt.param_groups for p in g["params"]
+                             for s in opt.state[p].values()]}
+        post = Posterior.from_optimizer(opt, net) if name != "alpha_svrg" else None   # a collective
+        sd = opt.state_dict()
+        shapes_ok = all(s.shape == p.shape and is_sharded(s)
+                        for g in opt.param_groups for p in g["params"] for s in opt.state[p].values())
+        # a state_dict saved per rank restores the optimizer exactly (resume with torch.save)
+        opt2 = make(name, [{"params": list(net[0].parameters()), "weight_decay": 1e-3},
+                           {"params": list(net[2].parameters()), "weight_decay": 0.0}])
+        opt2.load_state_dict(sd)
+        reload_ok = opt2._pc == opt._pc and all(
+            torch.equal(a[n], b[n]) for a, b in zip(opt._flat, opt2._flat) for n in opt.persistent_buffers)
+        if rank == 0:
+            ref_net = model()
+            ref = train(name, ref_net, lambda t: t)
+            plain = {"params": [p.detach() for p in ref_net.parameters()],
+                     "state": [s for g in ref.param_groups for p in g["params"] for s in ref.state[p].values()]}
+            diff = {k: max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+                           for a, b in zip(sharded[k], plain[k])) for k in plain}
+            moved = max((a - b).abs().max().item() for a, b in zip(plain["params"],
+                                                                     [p.detach() for p in model().parameters()]))
+            if post is not None:   # gathered from the shards: the one-process posterior
+                ref_post = Posterior.from_optimizer(ref, ref_net)
+                diff["posterior_std"] = max(((post.std[n] - ref_post.std[n]).abs().max()
+                                             / ref_post.std[n].abs().max()).item() for n in ref_post.names)
+            report[name] = {"rel_diff": diff, "moved": moved, "state_is_dtensor": shapes_ok,
+                            "reload_exact": reload_ok, "refreshes": ref._pc["refreshes"],
+                            "sharded_refreshes": opt._pc["refreshes"],
+                            "local_numel": sum(f["mean"].numel() for f in opt._flat),
+                            "numel": sum(p.numel() for p in ref_net.parameters())}
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
