@@ -3,7 +3,7 @@
     python scripts/ablate.py                         # everything below, 3 seeds (~40 min on 2 cores)
     python scripts/ablate.py --quick                 # the same code path in ~2 minutes (1 seed, 12 steps)
     python scripts/ablate.py --experiments methods --seeds 5
-    python scripts/ablate.py --tune                  # re-select the two learning rates
+    python scripts/ablate.py --tune                  # select the two learning rates first (once)
 
 Experiments (``--experiments``, comma-separated):
 - ``methods``: AdamW, alpha-SVRG (over AdamW), IVON, IVON-PC (rho = 0) and IVON-PCM at the same
@@ -19,7 +19,8 @@ Fairness: every run sees the same data order (the seed fixes the windows and the
 evaluated on the same validation windows, and has the same step budget. Learning rates: AdamW's and
 IVON's are each the best (final validation loss, seed 1000, not a reported seed) of the same
 4-point grid in factors of ~3 (``--tune``); alpha-SVRG inherits AdamW's and IVON-PC/IVON-PCM inherit
-IVON's, as in the paper. ``TUNED_LR`` below is the output of ``--tune`` and is HARD-CODED.
+IVON's, as in the paper. ``--tune`` writes its losses and choices to ``tuning.json`` in ``--out``;
+later runs read the learning rates from there (and refuse to run without it, except ``--quick``).
 
 Writes ``ablations.json`` (every run's curve and the summaries), ``ablations.md`` (tables) and PNGs
 to ``--out`` (default ``docs/results``).
@@ -43,8 +44,6 @@ from pretrain import PretrainArguments, build_trainer  # noqa: E402
 
 from hf_ivonpc import PCTrainingArguments  # noqa: E402
 
-#: output of ``--tune`` (seed 1000, the full budget); see the module docstring
-TUNED_LR = {"adamw": 3e-3, "ivon": 1.0}
 GRIDS = {"adamw": [3e-4, 1e-3, 3e-3, 1e-2], "ivon": [0.1, 0.3, 1.0, 3.0]}
 TUNE_SEED = 1000
 
@@ -133,16 +132,8 @@ def main(argv=None) -> dict:
         a.seeds = 1
     out = Path(a.out)
     scratch = out / "_runs"
-    lr = dict(TUNED_LR)
+    lr = tuned_learning_rates(a, base, out)
     report: dict = {"base": base, "tuned_lr": lr, "runs": {}}
-    if a.tune:
-        report["tuning"] = {}
-        for m, grid in GRIDS.items():
-            losses = {str(v): run({"method": m, "seed": TUNE_SEED, "lr": v}, base, scratch / "tune")["final_eval_loss"]
-                      for v in grid}
-            report["tuning"][m] = losses
-            lr[m] = float(min(losses, key=losses.get))
-            print(f"tuned {m}: {losses} -> {lr[m]}", flush=True)
     half = base["steps"] // 2
     pc = dict(start=half, refresh=10, factor=10, alpha=1.0)
     if a.quick:
@@ -161,11 +152,12 @@ def main(argv=None) -> dict:
         cfgs["refresh"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "refresh": r})
                            for r in ((2, 4) if a.quick else (5, 10, 20, 40)) for s in seeds]
     if "noise" in exps:
-        cfgs["noise"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], shared=sh, **pc)
+        cfgs["noise"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **pc, **({} if sh else {"shared": False}))
                          for sh in (True, False) for s in seeds]
     if "start" in exps:
         cfgs["start"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "start": st})
                          for st in sorted({0, base["steps"] // 4, half}) for s in seeds]
+    warm_up(base, scratch / "warmup")
     done: dict[str, dict] = {}
     for exp, lst in cfgs.items():
         report["runs"][exp] = []
@@ -183,6 +175,39 @@ def main(argv=None) -> dict:
     plot(report, out)
     print((out / "ablations.md").read_text())
     return report
+
+
+def warm_up(base: dict, out: Path) -> None:
+    """Run every method for a few steps so that no timed run pays for compiling the optimizer's kernels."""
+    short = dict(base, steps=4, eval_every=2)
+    pc = dict(start=1, refresh=2, factor=2, alpha=1.0)
+    for m in ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm"):
+        run(dict(method=m, seed=0, lr=1e-3, **({} if m in ("adamw", "ivon") else pc)), short, out)
+
+
+def tuned_learning_rates(a, base: dict, out: Path) -> dict:
+    """AdamW's and IVON's learning rates: from ``--tune`` now, or from the ``tuning.json`` it wrote."""
+    path = out / "tuning.json"
+    if a.tune:
+        warm_up(base, out / "_runs" / "warmup")
+        tuning = {"base": base, "seed": TUNE_SEED, "grids": GRIDS, "final_eval_loss": {}, "lr": {}}
+        for m, grid in GRIDS.items():
+            losses = {str(v): run({"method": m, "seed": TUNE_SEED, "lr": v}, base, out / "_runs" / "tune")["final_eval_loss"]
+                      for v in grid}
+            tuning["final_eval_loss"][m] = losses
+            tuning["lr"][m] = float(min(grid, key=lambda v: losses[str(v)]))
+            print(f"tuned {m}: {losses} -> {tuning['lr'][m]}", flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(tuning, indent=1))
+        return tuning["lr"]
+    if a.quick:
+        return {"adamw": GRIDS["adamw"][2], "ivon": GRIDS["ivon"][2]}
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run with --tune once to select the learning rates")
+    tuning = json.loads(path.read_text())
+    if tuning["base"] != base:
+        raise SystemExit(f"{path} was tuned for {tuning['base']}, not {base}: run with --tune again")
+    return tuning["lr"]
 
 
 def _label(r: dict, exp: str) -> str:
