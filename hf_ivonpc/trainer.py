@@ -8,11 +8,19 @@ same in both passes. Before the first micro-batch of a step that needs it, the o
 are refreshed from ``pc_megabatch_factor`` mini-batches drawn at random from the training set by
 a seeded sampler of its own.
 
-Several processes (``accelerate launch --multi_gpu``): every rank draws its own noise and pairs it
-with its own gradients; DDP's gradient all-reduce is switched off and the optimizer averages the
-paired statistics over ranks (``sync=True``), so all ranks take the same step. FSDP and DeepSpeed
-are refused with a clear error (the optimizer keeps whole-parameter state). ``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its
-share (Trainer's own clipping comes after ``training_step``, when the optimizer has consumed the
+Several processes with DDP (``accelerate launch --multi_gpu``): every rank draws its own noise and
+pairs it with its own gradients; DDP's gradient all-reduce is switched off and the optimizer
+averages the paired statistics over ranks (``sync=True``), so all ranks take the same step.
+
+FSDP2 (``fsdp_version: 2``): the optimizer's state covers each rank's shards and every rank draws
+the noise of its shards, so all ranks evaluate the same theta and FSDP's reduce-scatter averages
+gradients made at that one draw (the "shared noise" option); the gradients of every micro-batch
+are reduced at once, also inside Trainer's ``no_sync`` of gradient accumulation, because each
+micro-batch has its own draw. The posterior is gathered from the shards when it is saved.
+FSDP1 and DeepSpeed are refused with a clear error.
+
+``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its share
+(Trainer's own clipping comes after ``training_step``, when the optimizer has consumed the
 gradients).
 """
 
@@ -41,6 +49,28 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+@contextlib.contextmanager
+def _gradient_sync(model):
+    """FSDP2: reduce-scatter the gradients of this block's backward, then restore no-sync."""
+    model.set_requires_gradient_sync(True)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(False)
+
+
+def _global_stats(opt: FlatStateOptimizer, tensors: list[torch.Tensor]) -> dict[str, float]:
+    """sum, sum of squares, count and min over the elements of ``tensors``, over all shards."""
+    x = torch.cat([t.flatten().double() for t in tensors])
+    sums = torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
+    low = x.min() if x.numel() else torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    if opt.sharded:
+        torch.distributed.all_reduce(sums, group=opt._shard_group)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=opt._shard_group)
+    s, sq, n = sums.tolist()
+    return {"sum": s, "sumsq": sq, "count": n, "min": low.item()}
+
+
 class PCTrainer(Trainer):
     """A ``Trainer`` whose optimizer is IVON, IVON-PCM or alpha-SVRG (``args.pc_method``)."""
 
@@ -56,12 +86,19 @@ class PCTrainer(Trainer):
         if self.args.corrects and self.train_dataset is not None:
             self._check_megabatch(self.train_dataset)
 
+    @property
+    def is_fsdp2(self) -> bool:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return self.is_fsdp_enabled and getattr(plugin, "fsdp_version", 1) == 2
+
     def _check_distributed(self) -> None:
-        if self.args.pc_method != "none" and (self.is_fsdp_enabled or self.is_deepspeed_enabled):
+        if self.args.pc_method == "none":
+            return
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.is_fsdp2):
             raise ValueError(f"pc_method={self.args.pc_method!r} does not support "
-                             f"{'FSDP' if self.is_fsdp_enabled else 'DeepSpeed'} yet: the optimizer keeps "
-                             "whole-parameter state on every rank. Use DDP (`accelerate launch "
-                             "--multi_gpu`), or pc_method='none'")
+                             f"{'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP1'}: use FSDP2 "
+                             "(fsdp_version: 2 in the Accelerate config or fsdp_config), DDP "
+                             "(`accelerate launch --multi_gpu`), or pc_method='none'")
 
     # ------------------------------------------------------------------ optimizer
     def _micro_batches_per_step(self) -> int:
@@ -98,7 +135,8 @@ class PCTrainer(Trainer):
                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                        rho1=args.pc_rho1, **common)
             # the optimizer consumes each micro-batch's gradient: it averages them over ranks
-            self.optimizer.sync = args.world_size > 1
+            # (FSDP's reduce-scatter does it under FSDP)
+            self.optimizer.sync = args.world_size > 1 and not self.is_fsdp_enabled
             return self.optimizer
         ess = args.ivon_ess if args.ivon_ess is not None else self.default_ess()
         # Several processes: each rank draws its own noise (seed + rank) and pairs it with its own
@@ -106,7 +144,7 @@ class PCTrainer(Trainer):
         # and DDP's own all-reduce of gradients made with different noise is switched off.
         kw = dict(lr=args.learning_rate, ess=ess, hess_init=args.ivon_hess_init,
                   beta1=args.ivon_beta1, beta2=args.ivon_beta2, clip_radius=args.ivon_clip_radius,
-                  rescale_lr=False, seed=args.seed, sync=args.world_size > 1)
+                  rescale_lr=False, seed=args.seed, sync=args.world_size > 1 and not self.is_fsdp_enabled)
         if args.pc_method == "ivon":
             self.optimizer = IVON(groups, **kw)
         else:
@@ -115,6 +153,18 @@ class PCTrainer(Trainer):
                                     rho2=args.pc_rho2, mean_term_weight=args.pc_mean_term_weight,
                                     **common)
         return self.optimizer
+
+    def _rebind_sharded_params(self) -> None:
+        """Accelerate's FSDP2 preparation swaps the optimizer's parameters for their shards after
+        the optimizer was built: rebuild its state over the shards."""
+        opt = self.pc_optimizer
+        if opt is not None and any(p not in opt.state for g in opt.param_groups for p in g["params"]):
+            opt.rebind_params()
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # Trainer creates the scheduler right after accelerator.prepare, before loading a checkpoint
+        self._rebind_sharded_params()
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def default_ess(self) -> float:
         """IVON's effective sample size when ``ivon_ess`` is unset: the number of likelihood terms
@@ -178,9 +228,13 @@ class PCTrainer(Trainer):
         return loss
 
     def _local_gradients(self, model, opt: FlatStateOptimizer):
-        """No DDP all-reduce where the optimizer reduces its paired statistics itself."""
+        """No DDP all-reduce where the optimizer reduces its paired statistics itself; under FSDP2,
+        a reduce-scatter after every micro-batch (each has its own draw), also where Trainer
+        accumulates gradients unreduced."""
         if opt.sync:
             return self.accelerator.no_sync(model)
+        if opt.sharded and hasattr(model, "set_requires_gradient_sync"):
+            return _gradient_sync(model)
         return contextlib.nullcontext()
 
     def _train_examples(self) -> Dataset:
@@ -216,11 +270,14 @@ class PCTrainer(Trainer):
                     self.accelerator.backward(loss)
                 losses.append(loss.detach().float())
         flat = opt._flat
-        g_out = torch.sqrt(sum((f["g_out"].double() ** 2).sum() for f in flat))
-        self._pc_logs = {"pc/megabatch_loss": torch.stack(losses).mean().item(),
-                         "pc/g_out_norm": g_out.item()}
+        g_out = _global_stats(opt, [f["g_out"] for f in flat])
+        # every rank evaluated an equal share of the mega-batch
+        megabatch_loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
+        self._pc_logs = {"pc/megabatch_loss": megabatch_loss.item(),
+                         "pc/g_out_norm": math.sqrt(g_out["sumsq"])}
         if "h_out" in flat[0]:
-            self._pc_logs["pc/h_out_mean"] = torch.cat([f["h_out"] for f in flat]).mean().item()
+            h_out = _global_stats(opt, [f["h_out"] for f in flat])
+            self._pc_logs["pc/h_out_mean"] = h_out["sum"] / h_out["count"]
 
     # ------------------------------------------------------------------ evaluation
     def _is_causal_lm(self, model) -> bool:
@@ -291,10 +348,10 @@ class PCTrainer(Trainer):
             if opt.last_grad_norm is not None:   # the last micro-batch's, at the window's scale
                 logs["pc/grad_norm"] = opt.last_grad_norm.item() * self.args.gradient_accumulation_steps
             if "hess" in opt._flat[0]:
-                h = torch.cat([f["hess"] for f in opt._flat])
-                sigma = torch.cat([s.flatten() for s in opt.posterior_std()])
-                logs.update({"pc/h_mean": h.mean().item(), "pc/h_min": h.min().item(),
-                             "pc/sigma_mean": sigma.mean().item()})
+                h = _global_stats(opt, [f["hess"] for f in opt._flat])
+                sigma = _global_stats(opt, opt.posterior_std())
+                logs.update({"pc/h_mean": h["sum"] / h["count"], "pc/h_min": h["min"],
+                             "pc/sigma_mean": sigma["sum"] / sigma["count"]})
             logs.update(self._pc_logs)
             self._pc_logs = {}
         super().log(logs, *args, **kwargs)
@@ -302,7 +359,8 @@ class PCTrainer(Trainer):
     # ------------------------------------------------------------------ posterior, card, Hub
     def posterior(self):
         """The current posterior (an ``hf_ivonpc.Posterior``, tensors copied to the CPU), or None
-        for methods without one ("alpha_svrg", "none") and before the optimizer exists."""
+        for methods without one ("alpha_svrg", "none") and before the optimizer exists. Under
+        FSDP it is gathered from the shards: every rank must call it."""
         from .posterior import Posterior
         opt = self.pc_optimizer
         if opt is None or not hasattr(opt, "posterior_std"):
@@ -310,15 +368,42 @@ class PCTrainer(Trainer):
         return Posterior.from_optimizer(opt, self.model, method=self.args.pc_method,
                                         step=self.state.global_step)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save; under FSDP the posterior is gathered from the shards on every rank first
+        (Trainer saves FSDP weights without ``_save``) and written by the main process."""
+        opt = self.pc_optimizer
+        if opt is None or not opt.sharded:
+            return super().save_model(output_dir, _internal_call)
+        gathered = self._posterior_and_match()
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self._save_posterior(output_dir if output_dir is not None else self.args.output_dir, gathered)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Trainer's save (the weights: the posterior mean), then ``posterior.safetensors`` beside
         them, on the main process. Checkpoints and ``save_model`` (hence ``push_to_hub``) both come
-        through here."""
+        through here (under FSDP, through ``save_model``)."""
         super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            self._save_posterior(output_dir if output_dir is not None else self.args.output_dir)
+        opt = self.pc_optimizer
+        if self.args.should_save and (opt is None or not opt.sharded):
+            self._save_posterior(output_dir if output_dir is not None else self.args.output_dir,
+                                 self._posterior_and_match())
 
-    def _save_posterior(self, output_dir: str) -> None:
+    def _posterior_and_match(self):
+        """(the posterior or None, whether the weights are still its mean); collective under FSDP."""
+        from .optim._base import local
+        opt, post = self.pc_optimizer, self.posterior()
+        if post is None:
+            return None, True
+        match = all(torch.equal(local(opt.state[p]["mean"]).to(p.dtype), local(p).detach())
+                    for g in opt.param_groups for p in g["params"])
+        if opt.sharded:
+            flag = torch.tensor(int(match), device=opt._device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=opt._shard_group)
+            match = bool(flag.item())
+        return post, match
+
+    def _save_posterior(self, output_dir: str, gathered) -> None:
         import os
         import shutil
 
@@ -326,10 +411,8 @@ class PCTrainer(Trainer):
 
         from .posterior import POSTERIOR_NAME, atomic_write
         target = os.path.join(output_dir, POSTERIOR_NAME)
-        opt = self.pc_optimizer
-        post = self.posterior()
-        if post is not None and not all(torch.equal(opt.state[p]["mean"].to(p.dtype), p.detach())
-                                        for g in opt.param_groups for p in g["params"]):
+        post, match = gathered
+        if post is not None and not match:
             # the weights were replaced after the last step (load_best_model_at_end): the
             # posterior that belongs to them is the one saved with them
             best = self.state.best_model_checkpoint

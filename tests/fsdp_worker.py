@@ -11,6 +11,7 @@ the largest differences to the JSON file named on the command line.
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,8 +62,7 @@ def data(step, role="in"):
 
 def train(name, net, part):
     """``part(x)``: this process's share of a batch."""
-    opt = make(name, [{"params": list(net[0].parameters()), "weight_decay": 1e-3},
-                      {"params": list(net[2].parameters()), "weight_decay": 0.0}])
+    opt = make(name, groups(net))
     lossf = nn.CrossEntropyLoss()
     for step in range(STEPS):
         if opt.corrects and opt.needs_refresh:
@@ -83,6 +83,36 @@ def train(name, net, part):
     return opt
 
 
+def groups(net):
+    return [{"params": list(net[0].parameters()), "weight_decay": 1e-3},
+            {"params": list(net[2].parameters()), "weight_decay": 0.0}]
+
+
+def same_state(a, b):
+    hyper = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (a, b)]
+    return (a._pc == b._pc and hyper[0] == hyper[1] and a.param_groups[0]["step"] == STEPS
+            and torch.equal(a.generator.get_state(), b.generator.get_state())
+            and all(torch.equal(x[n], y[n]) for x, y in zip(a._flat, b._flat) for n in a.persistent_buffers))
+
+
+def dcp_round_trip(name, net, opt, folder):
+    """Save with torch.distributed.checkpoint (Trainer's FSDP checkpoints) into a new optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    dcp.save({"optim": get_optimizer_state_dict(net, opt)}, checkpoint_id=str(folder))
+    fresh = make(name, groups(net))
+    target = {"optim": get_optimizer_state_dict(net, fresh)}
+    dcp.load(target, checkpoint_id=str(folder))
+    set_optimizer_state_dict(net, fresh, target["optim"])
+    return on_all_ranks(same_state(opt, fresh))
+
+
+def on_all_ranks(ok: bool) -> bool:
+    flag = torch.tensor(int(ok))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def full(t):
     return t.full_tensor() if is_sharded(t) else t
 
@@ -99,6 +129,7 @@ def main(out):
         fully_shard(net)
         share = BATCH // world
         opt = train(name, net, lambda t: t[rank * share:(rank + 1) * share])
+        torch.randn(rank + 1, generator=opt.generator)   # IndexNoise leaves it unused: move it per rank
         sharded = {"params": [full(p).detach() for p in net.parameters()],
                    "state": [full(s).detach() for g in opt.param_groups for p in g["params"]
                              for s in opt.state[p].values()]}
@@ -107,11 +138,10 @@ def main(out):
         shapes_ok = all(s.shape == p.shape and is_sharded(s)
                         for g in opt.param_groups for p in g["params"] for s in opt.state[p].values())
         # a state_dict saved per rank restores the optimizer exactly (resume with torch.save)
-        opt2 = make(name, [{"params": list(net[0].parameters()), "weight_decay": 1e-3},
-                           {"params": list(net[2].parameters()), "weight_decay": 0.0}])
+        opt2 = make(name, groups(net))
         opt2.load_state_dict(sd)
-        reload_ok = opt2._pc == opt._pc and all(
-            torch.equal(a[n], b[n]) for a, b in zip(opt._flat, opt2._flat) for n in opt.persistent_buffers)
+        reload_ok = on_all_ranks(same_state(opt, opt2))
+        dcp_ok = dcp_round_trip(name, net, opt, Path(out).parent / f"dcp-{name}")
         if rank == 0:
             ref_net = model()
             ref = train(name, ref_net, lambda t: t)
@@ -126,7 +156,7 @@ def main(out):
                 diff["posterior_std"] = max(((post.std[n] - ref_post.std[n]).abs().max()
                                              / ref_post.std[n].abs().max()).item() for n in ref_post.names)
             report[name] = {"rel_diff": diff, "moved": moved, "state_is_dtensor": shapes_ok,
-                            "reload_exact": reload_ok, "refreshes": ref._pc["refreshes"],
+                            "reload_exact": reload_ok, "dcp_exact": dcp_ok, "refreshes": ref._pc["refreshes"],
                             "sharded_refreshes": opt._pc["refreshes"],
                             "local_numel": sum(f["mean"].numel() for f in opt._flat),
                             "numel": sum(p.numel() for p in ref_net.parameters())}

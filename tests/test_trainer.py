@@ -86,10 +86,13 @@ def test_misuse_is_reported(tmp_path):
     with pytest.raises(ValueError, match="iterable dataset"):
         PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon_pcm"), train_dataset=Stream())
 
-    # FSDP/DeepSpeed need a distributed launch to be enabled: flag it on a built trainer
+    # FSDP1/DeepSpeed need a distributed launch to be enabled: flag it on a built trainer
     trainer = PCTrainer(model=tiny_gpt2(), args=_args(tmp_path, "ivon"), train_dataset=CharWindows())
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="pc_method='ivon' does not support FSDP.*--multi_gpu"):
+    trainer.is_fsdp_enabled = True   # with no plugin: FSDP1
+    with pytest.raises(ValueError, match="pc_method='ivon' does not support FSDP1: use FSDP2.*--multi_gpu"):
+        trainer._check_distributed()
+    trainer.is_fsdp_enabled, trainer.is_deepspeed_enabled = False, True
+    with pytest.raises(ValueError, match="pc_method='ivon' does not support DeepSpeed"):
         trainer._check_distributed()
 
 

@@ -174,6 +174,10 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         if len(set(map(id, flat_list))) != len(flat_list):
             raise ValueError("params contains the same tensor twice: accepted is each parameter once")
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            # present from the start: torch.distributed.checkpoint loads only the keys that the
+            # state_dict of a fresh optimizer has
+            group.setdefault("step", 0)
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
         dtypes = {p.dtype for p in all_params}
@@ -226,6 +230,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
     def _check_sharding(self, params: list[torch.Tensor]):
         """The process group that shards the parameters (None when none is sharded)."""
         sharded = [p for p in params if is_sharded(p)]
+        self._mesh = None
         if not sharded:
             return None
         if len(sharded) != len(params):
@@ -241,7 +246,27 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 raise ValueError(f"a parameter is a DTensor with placements {p.placements} on mesh "
                                  f"{p.device_mesh}: accepted are Shard placements on one 1-D mesh "
                                  "(FSDP2's fully_shard)")
+        self._mesh = mesh
         return mesh.get_group()
+
+    def rebind_params(self) -> None:
+        """Rebuild the state for the parameters now in ``param_groups``, before the first step.
+
+        Accelerate's FSDP2 preparation swaps an optimizer's parameters for their sharded versions
+        in place; the buffers built over the whole parameters are rebuilt over the shards (the
+        mean from the parameters, the rest at its initial value)."""
+        if self._pc["step"] or self._pc["refreshes"] or any(self._count.values()):
+            raise RuntimeError("rebind_params after training started: accepted only before the first "
+                               "step and refresh")
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._shard_group = self._check_sharding(params)
+        self._device = params[0].device
+        self.state.clear()
+        self._flat, self._views = [], []
+        for group in self.param_groups:
+            self._init_group(group)
+        self._reset_accumulators()
+        self._record_param_versions()
 
     @property
     def sharded(self) -> bool:
@@ -523,11 +548,18 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
     # ------------------------------------------------------------ state dict
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["hf_ivonpc"] = {
-            "pc": dict(self._pc),
-            "generator": self.generator.get_state(),
-            "class": type(self).__name__,
-        }
+        extra = {"pc": dict(self._pc), "class": type(self).__name__}
+        if self._mesh is None:
+            sd["hf_ivonpc"] = {**extra, "generator": self.generator.get_state()}
+        else:
+            # torch.distributed.checkpoint keeps only "state" and "param_groups" and saves a plain
+            # tensor once for all ranks: the counters travel in the first group, and each rank's
+            # generator state as its row of a DTensor sharded over the ranks
+            g = self.generator.get_state().to(self._device).view(1, -1)
+            world = self._mesh.size()
+            gen = DTensor.from_local(g, self._mesh, [Shard(0)], run_check=False,
+                                     shape=(world, g.shape[1]), stride=(g.shape[1], 1))
+            sd["param_groups"][0]["hf_ivonpc"] = {**extra, "generator": gen}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -539,6 +571,8 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             raise ValueError(f"state_dict has {len(groups)} parameter groups, the optimizer has "
                              f"{len(self.param_groups)}")
         extra = state_dict.get("hf_ivonpc")
+        if extra is None and groups:   # a sharded optimizer's (see state_dict)
+            extra = groups[0].get("hf_ivonpc")
         if extra is None:
             raise ValueError("state_dict was not saved by an hf_ivonpc optimizer (no 'hf_ivonpc' entry)")
         if extra.get("class") != type(self).__name__:
@@ -564,10 +598,10 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 self._views[gi][name][i].copy_(local_part(self.param_groups[gi]["params"][i], t))
             for group, saved in zip(self.param_groups, groups):
                 for k, v in saved.items():
-                    if k != "params":
+                    if k not in ("params", "hf_ivonpc"):
                         group[k] = v
             self._pc = dict(extra["pc"])
-            self.generator.set_state(extra["generator"].cpu())
+            self.generator.set_state(local(extra["generator"]).reshape(-1).cpu())
             # the parameters are the source of truth for the mean, unless they hold a rounded
             # copy of the fp32 master kept here (low-precision parameters)
             for gi in range(len(self.param_groups)):
