@@ -17,8 +17,9 @@ Experiments (``--experiments``, comma-separated):
 
 Fairness: every run sees the same data order (the seed fixes the windows and their order), is
 evaluated on the same validation windows, and has the same step budget. Learning rates: AdamW's and
-IVON's are each the best (final validation loss, seed 1000, not a reported seed) of the same
-4-point grid in factors of ~3 (``--tune``); alpha-SVRG inherits AdamW's and IVON-PC/IVON-PCM inherit
+IVON's are each the best (final validation loss, seed 1000, not a reported seed) of a grid in
+factors of ~3 that starts at 4 points and grows by one point past whichever end is best until the
+best is inside it (``--tune``), the same rule for both; alpha-SVRG inherits AdamW's and IVON-PC/IVON-PCM inherit
 IVON's, as in the paper. ``--tune`` writes its losses and choices to ``tuning.json`` in ``--out``;
 later runs read the learning rates from there (and refuse to run without it, except ``--quick``).
 
@@ -29,6 +30,7 @@ to ``--out`` (default ``docs/results``).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -78,7 +80,19 @@ def gradient_evaluations(step: int, cfg: dict) -> int:
 
 
 def run(cfg: dict, base: dict, out: Path) -> dict:
-    """One training run; ``cfg``: method, seed, lr and the correction's settings."""
+    """One training run; ``cfg``: method, seed, lr and the correction's settings. A finished run
+    is kept in ``out/../cache`` and not repeated (an interrupted ablation resumes)."""
+    key = hashlib.sha256(json.dumps([cfg, base], sort_keys=True).encode()).hexdigest()[:16]
+    cached = out.parent / "cache" / f"{key}.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    result = _train(cfg, base, out)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def _train(cfg: dict, base: dict, out: Path) -> dict:
     m = cfg["method"]
     pc = {"none": "none", "adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon"}.get(m, "ivon_pcm")
     args = PretrainArguments(dataset="shakespeare", block_size=base["block"], n_layer=base["n_layer"],
@@ -177,12 +191,19 @@ def main(argv=None) -> dict:
     return report
 
 
+def _next_grid_point(v: float, up: bool) -> float:
+    """The next value of a 1-3-10 grid above or below ``v``."""
+    e = math.floor(math.log10(v) + 1e-9)
+    points = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 3)]
+    return float(f"{min(p for p in points if p > v * 1.01) if up else max(p for p in points if p < v / 1.01):.3g}")
+
+
 def warm_up(base: dict, out: Path) -> None:
     """Run every method for a few steps so that no timed run pays for compiling the optimizer's kernels."""
     short = dict(base, steps=4, eval_every=2)
     pc = dict(start=1, refresh=2, factor=2, alpha=1.0)
     for m in ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm"):
-        run(dict(method=m, seed=0, lr=1e-3, **({} if m in ("adamw", "ivon") else pc)), short, out)
+        _train(dict(method=m, seed=0, lr=1e-3, **({} if m in ("adamw", "ivon") else pc)), short, out)
 
 
 def tuned_learning_rates(a, base: dict, out: Path) -> dict:
@@ -190,13 +211,25 @@ def tuned_learning_rates(a, base: dict, out: Path) -> dict:
     path = out / "tuning.json"
     if a.tune:
         warm_up(base, out / "_runs" / "warmup")
-        tuning = {"base": base, "seed": TUNE_SEED, "grids": GRIDS, "final_eval_loss": {}, "lr": {}}
+        tuning = {"base": base, "seed": TUNE_SEED, "grids": dict(GRIDS), "final_eval_loss": {}, "lr": {}}
         for m, grid in GRIDS.items():
-            losses = {str(v): run({"method": m, "seed": TUNE_SEED, "lr": v}, base, out / "_runs" / "tune")["final_eval_loss"]
-                      for v in grid}
+            grid, losses = list(grid), {}
+            while True:
+                for v in grid:
+                    if str(v) not in losses:
+                        losses[str(v)] = run({"method": m, "seed": TUNE_SEED, "lr": v}, base,
+                                             out / "_runs" / "tune")["final_eval_loss"]
+                best = min(grid, key=lambda v: losses[str(v)])
+                if best == grid[-1]:
+                    grid.append(_next_grid_point(grid[-1], up=True))
+                elif best == grid[0]:
+                    grid.insert(0, _next_grid_point(grid[0], up=False))
+                else:
+                    break
+            tuning["grids"][m] = grid
             tuning["final_eval_loss"][m] = losses
-            tuning["lr"][m] = float(min(grid, key=lambda v: losses[str(v)]))
-            print(f"tuned {m}: {losses} -> {tuning['lr'][m]}", flush=True)
+            tuning["lr"][m] = float(best)
+            print(f"tuned {m}: {losses} -> {best}", flush=True)
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(tuning, indent=1))
         return tuning["lr"]
