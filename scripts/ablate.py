@@ -1,6 +1,6 @@
 """The paper's GPT-2 ablations (App. D.2, Fig. 6), scaled to a CPU: a small GPT-2 on Shakespeare.
 
-    python scripts/ablate.py                         # everything below, 3 seeds (~40 min on 2 cores)
+    python scripts/ablate.py --tune --sweep_seeds 2  # everything below (~80 min on 2 quiet cores)
     python scripts/ablate.py --quick                 # the same code path in ~2 minutes (1 seed, 12 steps)
     python scripts/ablate.py --experiments methods --seeds 5
     python scripts/ablate.py --tune                  # select the two learning rates first (once)
@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--experiments", default="methods,alpha,refresh,noise,start")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the methods comparison")
+    ap.add_argument("--sweep_seeds", type=int, default=None, help="seeds of each sweep (default: --seeds)")
     ap.add_argument("--steps", type=int, default=240)
     ap.add_argument("--quick", action="store_true", help="1 seed, 12 steps, a tiny model: checks the code path")
     ap.add_argument("--tune", action="store_true", help="re-select AdamW's and IVON's learning rates first")
@@ -143,7 +144,7 @@ def main(argv=None) -> dict:
                 eval_every=a.steps // 8)
     if a.quick:
         base.update(steps=12, eval_every=4, n_embd=32, eval_windows=16)
-        a.seeds = 1
+        a.seeds = a.sweep_seeds = 1
     out = Path(a.out)
     scratch = out / "_runs"
     lr = tuned_learning_rates(a, base, out)
@@ -153,6 +154,7 @@ def main(argv=None) -> dict:
     if a.quick:
         pc.update(start=4, refresh=2, factor=2)
     seeds = range(a.seeds)
+    sweep_seeds = range(a.sweep_seeds if a.sweep_seeds is not None else a.seeds)
     exps = a.experiments.split(",")
     cfgs: dict[str, list[dict]] = {}
     if "methods" in exps:
@@ -161,16 +163,16 @@ def main(argv=None) -> dict:
                            for m in ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm") for s in seeds]
     if "alpha" in exps:
         cfgs["alpha"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "alpha": al})
-                         for al in (0.0, 0.25, 0.5, 0.75, 1.0) for s in seeds]
+                         for al in (0.0, 0.25, 0.5, 0.75, 1.0) for s in sweep_seeds]
     if "refresh" in exps:
         cfgs["refresh"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "refresh": r})
-                           for r in ((2, 4) if a.quick else (5, 10, 20, 40)) for s in seeds]
+                           for r in ((2, 4) if a.quick else (5, 10, 20, 40)) for s in sweep_seeds]
     if "noise" in exps:
         cfgs["noise"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **pc, **({} if sh else {"shared": False}))
-                         for sh in (True, False) for s in seeds]
+                         for sh in (True, False) for s in sweep_seeds]
     if "start" in exps:
         cfgs["start"] = [dict(method="ivon_pcm", seed=s, lr=lr["ivon"], **{**pc, "start": st})
-                         for st in sorted({0, base["steps"] // 4, half}) for s in seeds]
+                         for st in sorted({0, base["steps"] // 4, half}) for s in sweep_seeds]
     warm_up(base, scratch / "warmup")
     done: dict[str, dict] = {}
     for exp, lst in cfgs.items():
