@@ -265,14 +265,17 @@ def summarize(runs: dict, base: dict) -> dict:
                 s[name]["eval_loss_at_equal_time"] = mean_spread([interp(r["curve"], "time_s", t_common) for r in g])
                 s[name]["eval_loss_at_equal_examples"] = mean_spread([interp(r["curve"], "examples", e_common) for r in g])
             summary["equal_time_s"], summary["equal_examples"] = t_common, e_common
-        if exp == "start":   # the "jump": validation loss just before and after the correction starts
+        if exp == "start":   # the "jump": how much the loss falls in the evaluation interval after
+            # the correction starts, and how much IVON's (same seed, from "methods") falls there
+            ivon = {r["seed"]: r for r in runs.get("methods", []) if r["method"] == "ivon"}
             for name, g in groups.items():
                 st = g[0]["start"]
                 if st > 0:
-                    before = [interp(r["curve"], "step", st) for r in g]
-                    after = [interp(r["curve"], "step", st + base["eval_every"]) for r in g]
-                    s[name]["loss_at_start"] = mean_spread(before)
-                    s[name]["loss_one_eval_later"] = mean_spread(after)
+                    def drop(r):
+                        return interp(r["curve"], "step", st) - interp(r["curve"], "step", st + base["eval_every"])
+                    s[name]["drop_after_start"] = mean_spread([drop(r) for r in g])
+                    if all(r["seed"] in ivon for r in g):
+                        s[name]["ivon_drop_there"] = mean_spread([drop(ivon[r["seed"]]) for r in g])
         summary[exp] = s
     return summary
 
@@ -288,7 +291,7 @@ def markdown(summary: dict, base: dict) -> str:
         if not isinstance(s, dict):
             continue
         cols = ["final_eval_loss", "train_time_s"] + [c for c in ("eval_loss_at_equal_time", "eval_loss_at_equal_examples",
-                                                                   "loss_at_start", "loss_one_eval_later")
+                                                                   "drop_after_start", "ivon_drop_there")
                                                       if any(c in v for v in s.values())]
         lines += [f"### {exp}", "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, v in s.items():
@@ -319,6 +322,10 @@ def plot(report: dict, out: Path) -> None:
             ax.set_xlabel(xl)
             ax.set_ylabel("validation loss")
             ax.grid(alpha=0.3)
+            # the first evaluations fall steeply: zoom on the rest, where the methods differ
+            losses = [p["eval_loss"] for r in runs["methods"] for p in r["curve"]]
+            third = [r["curve"][min(2, len(r["curve"]) - 1)]["eval_loss"] for r in runs["methods"]]
+            ax.set_ylim(min(losses) - 0.05, max(third) + 0.05)
         axes[0].legend()
         fig.tight_layout()
         fig.savefig(out / "ablation_methods.png", dpi=110)
