@@ -60,10 +60,16 @@ def _gradient_sync(model):
 
 
 def _global_stats(opt: FlatStateOptimizer, tensors: list[torch.Tensor]) -> dict[str, float]:
-    """sum, sum of squares, count and min over the elements of ``tensors``, over all shards."""
-    x = torch.cat([t.flatten().double() for t in tensors])
-    sums = torch.stack([x.sum(), x.square().sum(), torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device)])
-    low = x.min() if x.numel() else torch.tensor(math.inf, dtype=x.dtype, device=x.device)
+    """sum, sum of squares, count and min over the elements of ``tensors``, over all shards
+    (accumulated in fp64 tensor by tensor: no model-sized temporary)."""
+    f64 = dict(dtype=torch.float64, device=tensors[0].device)
+    sums, low = torch.zeros(3, **f64), torch.tensor(math.inf, **f64)
+    for t in tensors:
+        if t.numel():
+            sums += torch.stack([t.sum(dtype=torch.float64),
+                                 torch.linalg.vector_norm(t, dtype=torch.float64).square(),
+                                 torch.tensor(float(t.numel()), **f64)])
+            low = torch.minimum(low, t.min().double())
     if opt.sharded:
         torch.distributed.all_reduce(sums, group=opt._shard_group)
         torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=opt._shard_group)

@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
 from hf_ivonpc.tasks import summarization as S  # noqa: E402
 from hf_ivonpc.tasks.cli import CONFIGS, parse_args, train_and_report  # noqa: E402
-from hf_ivonpc.tasks.sft import data_collator, evaluate_generation, load_causal_lm, load_tokenizer  # noqa: E402
+from hf_ivonpc.tasks.sft import data_collator, generation_evaluator, load_causal_lm, load_tokenizer  # noqa: E402
 
 
 @dataclass
@@ -98,12 +98,7 @@ def main(argv=None) -> dict:
     trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
                         processing_class=tokenizer, data_collator=data_collator(tokenizer))
 
-    def evaluate(prefix: str) -> dict:
-        metrics = trainer.evaluate(metric_key_prefix=prefix)
-        metrics.update(evaluate_generation(trainer, tokenizer, prompts, references, S.rouge,
-                                           args.max_new_tokens, prefix=prefix,
-                                           predictions_file=f"{prefix}_predictions.jsonl"))
-        return metrics
+    evaluate = generation_evaluator(trainer, tokenizer, prompts, references, S.rouge, args.max_new_tokens)
 
     return train_and_report(trainer, dataset=args.dataset, tags=("summarization",),
                             metrics={"n_params": n_params, "train_examples": len(train)},

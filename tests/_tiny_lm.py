@@ -29,3 +29,8 @@ def tiny_gpt2(seed=0, dropout=0.1):
     cfg = GPT2Config(vocab_size=len(VOCAB), n_positions=32, n_embd=32, n_layer=2, n_head=2,
                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return GPT2LMHeadModel(cfg)
+
+
+def first_windows(n: int) -> torch.utils.data.Dataset:
+    """The first ``n`` training windows."""
+    return torch.utils.data.Subset(CharWindows(), range(n))

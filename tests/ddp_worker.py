@@ -7,20 +7,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_lm import CharWindows, tiny_gpt2  # noqa: E402
+from _tiny_lm import first_windows, tiny_gpt2  # noqa: E402
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
-
-
-class Eight(torch.utils.data.Dataset):
-    def __init__(self):
-        self.base = CharWindows()
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        return self.base[i]
 
 
 def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumulation: int = 1):
@@ -33,7 +22,7 @@ def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumul
         pc_refresh_steps=1, pc_megabatch_factor=1, max_grad_norm=0.0, report_to=[],
         save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant",
         ddp_find_unused_parameters=False, dataloader_drop_last=True)
-    trainer = PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=Eight())
+    trainer = PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=first_windows(8))
     trainer.train()
     opt = trainer.pc_optimizer
     state = {"params": [p.detach().clone() for p in trainer.model.parameters()],

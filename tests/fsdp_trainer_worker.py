@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_lm import CharWindows, tiny_gpt2  # noqa: E402
+from _tiny_lm import first_windows, tiny_gpt2  # noqa: E402
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
 from hf_ivonpc.optim._base import FlatStateOptimizer, is_sharded  # noqa: E402
@@ -52,17 +52,6 @@ def _count_collected_gradients():
     FlatStateOptimizer._collect_role = counting
 
 
-class Sixteen(torch.utils.data.Dataset):
-    def __init__(self):
-        self.base = CharWindows()
-
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        return self.base[i]
-
-
 def trainer(out: Path, method: str, fsdp: bool, per_device: int, steps: int, ess: float, **kw):
     extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
                                                 "state_dict_type": "SHARDED_STATE_DICT"}) if fsdp else {}
@@ -73,7 +62,7 @@ def trainer(out: Path, method: str, fsdp: bool, per_device: int, steps: int, ess
         pc_refresh_steps=2, pc_megabatch_factor=1, max_grad_norm=1.0, report_to=[],
         logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant",
         dataloader_drop_last=True, **extra, **kw)
-    return PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=Sixteen())
+    return PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=first_windows(16))
 
 
 def _full(t):

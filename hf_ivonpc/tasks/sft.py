@@ -242,3 +242,16 @@ def evaluate_generation(trainer, tokenizer, prompts: Sequence[str], references: 
             for p, pred, ref in zip(prompts, predictions, references):
                 f.write(json.dumps({"prompt": p, "prediction": pred, "reference": ref}) + "\n")
     return metrics
+
+
+def generation_evaluator(trainer, tokenizer, prompts: Sequence[str], references: Sequence[str],
+                         score: Callable[[list[str], list[str]], dict[str, float]],
+                         max_new_tokens: int) -> Callable[[str], dict[str, float]]:
+    """``evaluate(prefix)`` for ``train_and_report``: Trainer's evaluation (loss) plus greedy
+    generation on ``prompts`` scored by ``score``, predictions written to ``{prefix}_predictions.jsonl``."""
+    def evaluate(prefix: str) -> dict[str, float]:
+        metrics = trainer.evaluate(metric_key_prefix=prefix)
+        metrics.update(evaluate_generation(trainer, tokenizer, prompts, references, score, max_new_tokens,
+                                           prefix=prefix, predictions_file=f"{prefix}_predictions.jsonl"))
+        return metrics
+    return evaluate
