@@ -1,64 +1,61 @@
 """PCTrainingArguments: TrainingArguments plus the variational and correction settings.
 
 Every field has a help string, so ``HfArgumentParser`` turns them into CLI flags and YAML keys.
-Defaults follow the paper's GPT-2 recipe (App. D.2) where it has one; ``learning_rate`` is the
-step size eta of Alg. 4 for the IVON methods (0.3 in the paper's GPT-2 runs).
+The defaults, ranges and help of the IVON and correction fields come from
+:mod:`hf_ivonpc.optim.hparams`, the same table the optimizers read; ``learning_rate`` is the step
+size eta of Alg. 4 for the IVON methods (0.3 in the paper's GPT-2 runs).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .optim.hparams import BY_FIELD, DEFAULT_IVON_LR, DEFAULT_SIGMA0, LEARNING_RATE, POSITIVE
+
 PC_METHODS = ("ivon", "ivon_pcm", "alpha_svrg", "none")
-#: eta when learning_rate is unset (measured on a small BERT classifier and a small GPT-2: see README)
-DEFAULT_IVON_LR = 1.0
-#: the initial posterior std that the default ess guarantees at most
-DEFAULT_SIGMA0 = 1e-3
+__all__ = ["PCTrainingArguments", "PC_METHODS", "DEFAULT_IVON_LR", "DEFAULT_SIGMA0"]
 
 
 def _bad(name: str, value, accepted: str) -> ValueError:
     return ValueError(f"{name}={value!r} is invalid: accepted range is {accepted}")
 
 
+def _hp(name: str):
+    """The dataclass field of hyperparameter ``name``: default and help from ``optim.hparams``."""
+    h = BY_FIELD[name]
+    return field(default=h.default, metadata={"help": f"{h.help} Accepted: {h.range.text}."})
+
+
 @dataclass
 class PCTrainingArguments(TrainingArguments):
     learning_rate: float | None = field(default=None, metadata={
-        "help": "Step size. Unset: 1.0 for 'ivon' and 'ivon_pcm' (eta of Alg. 4; with the default "
-                "clip radius 1e-3 a step moves a weight by at most 1e-3), Trainer's 5e-5 otherwise."})
+        "help": f"Step size. Unset: {DEFAULT_IVON_LR} for 'ivon' and 'ivon_pcm' (eta of Alg. 4; with "
+                "the default clip radius 1e-3 a step moves a weight by at most 1e-3), Trainer's 5e-5 "
+                "otherwise."})
     pc_method: str = field(default="ivon_pcm", metadata={
         "help": "Optimizer: 'ivon', 'ivon_pcm' (IVON with posterior correction and outer momentum), "
                 "'alpha_svrg' (the correction over Trainer's own optim, AdamW or SGD) or 'none' "
                 "(plain Trainer)."})
-    ivon_ess: float | None = field(default=None, metadata={
-        "help": "IVON's effective sample size kappa. Default: the number of likelihood terms in the "
-                "training set (predicted tokens for language models, examples otherwise), and at "
-                "least 1 / (ivon_hess_init * 1e-6), so that the initial posterior std is <= 1e-3."})
-    ivon_hess_init: float = field(default=1e-3, metadata={"help": "Initial Hessian h0 (> 0)."})
-    ivon_beta1: float = field(default=0.9, metadata={"help": "Momentum of the gradient, in [0, 1)."})
-    ivon_beta2: float = field(default=0.99999, metadata={"help": "Momentum of the Hessian, in [0, 1)."})
-    ivon_clip_radius: float = field(default=1e-3, metadata={
-        "help": "Element-wise clipping of the preconditioned step (inf disables it)."})
-    pc_alpha: float = field(default=1.0, metadata={"help": "Weight of the correction (>= 0; 0 is IVON)."})
-    pc_rho1: float = field(default=0.6, metadata={
-        "help": "Outer momentum of g_out: weight of the old estimate, in [0, 1]."})
-    pc_rho2: float = field(default=0.1, metadata={
-        "help": "Outer momentum of h_out: weight of the old estimate, in [0, 1]."})
-    pc_megabatch_factor: int = field(default=10, metadata={
-        "help": "Mega-batch size in mini-batches (per device batch x accumulation steps)."})
-    pc_refresh_steps: int = field(default=10, metadata={
-        "help": "Optimizer steps between two refreshes of the outer statistics."})
-    pc_start_step: int = field(default=0, metadata={
-        "help": "Optimizer steps without correction first (50,000 in the paper's GPT-2 run)."})
-    pc_mean_term_weight: float = field(default=1.0, metadata={
-        "help": "Weight of Alg. 4 line 14's extra mean term (1.0 with clipping for transformers, "
-                "0.01 for CNNs and logistic regression)."})
-    pc_shared_noise: bool = field(default=True, metadata={
-        "help": "theta_out reuses theta_in's standard-normal draw (common random numbers)."})
-    eval_mc_samples: int = field(default=0, metadata={
-        "help": "0: evaluate at the posterior mean; k > 0: the posterior predictive, output "
-                "probabilities averaged over k draws (ivon and ivon_pcm)."})
+    ivon_ess: float | None = _hp("ivon_ess")
+    ivon_hess_init: float = _hp("ivon_hess_init")
+    ivon_beta1: float = _hp("ivon_beta1")
+    ivon_beta2: float = _hp("ivon_beta2")
+    ivon_clip_radius: float = _hp("ivon_clip_radius")
+    pc_alpha: float = _hp("pc_alpha")
+    pc_rho1: float = _hp("pc_rho1")
+    pc_rho2: float = _hp("pc_rho2")
+    pc_megabatch_factor: int = _hp("pc_megabatch_factor")
+    pc_refresh_steps: int = _hp("pc_refresh_steps")
+    pc_start_step: int = _hp("pc_start_step")
+    pc_start_ratio: float = _hp("pc_start_ratio")
+    pc_mean_term_weight: float = _hp("pc_mean_term_weight")
+    pc_shared_noise: bool = _hp("pc_shared_noise")
+    pc_log_diagnostics: bool = _hp("pc_log_diagnostics")
+    eval_mc_samples: int = _hp("eval_mc_samples")
 
     def __getstate__(self) -> dict:
         """Pickled without ``hub_token``: Trainer saves the arguments as ``training_args.bin`` in
@@ -74,44 +71,50 @@ class PCTrainingArguments(TrainingArguments):
         variational = self.pc_method in ("ivon", "ivon_pcm")
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_IVON_LR if variational else 5e-5
+        (LEARNING_RATE if variational else POSITIVE).check("learning_rate", self.learning_rate)
         if variational and self.fp16:
             raise ValueError("fp16=True is invalid with pc_method="
                              f"{self.pc_method!r}: IVON reads gradients before any unscaling; use "
                              "bf16=True (fp32 parameters under bf16 autocast)")
-        if self.ivon_ess is not None and not self.ivon_ess > 0:
-            raise _bad("ivon_ess", self.ivon_ess, "a number > 0 (or unset)")
-        if not self.ivon_hess_init > 0:
-            raise _bad("ivon_hess_init", self.ivon_hess_init, "a number > 0")
-        for name in ("ivon_beta1", "ivon_beta2"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise _bad(name, v, "[0, 1)")
-        if not self.ivon_clip_radius > 0:
-            raise _bad("ivon_clip_radius", self.ivon_clip_radius, "a number > 0 (inf disables clipping)")
-        if not self.pc_alpha >= 0:
-            raise _bad("pc_alpha", self.pc_alpha, "a number >= 0")
-        for name in ("pc_rho1", "pc_rho2"):
-            v = getattr(self, name)
-            if not 0 <= v <= 1:
-                raise _bad(name, v, "[0, 1]")
-        for name in ("pc_megabatch_factor", "pc_refresh_steps"):
-            v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 1):
-                raise _bad(name, v, "an integer >= 1")
-        if not (isinstance(self.pc_start_step, int) and self.pc_start_step >= 0):
-            raise _bad("pc_start_step", self.pc_start_step, "an integer >= 0")
-        if not (isinstance(self.eval_mc_samples, int) and self.eval_mc_samples >= 0):
-            raise _bad("eval_mc_samples", self.eval_mc_samples, "an integer >= 0")
+        for name, h in BY_FIELD.items():
+            value = getattr(self, name)
+            if not (name == "ivon_ess" and value is None):
+                h.check(value)
         if self.eval_mc_samples and not variational:
             raise _bad("eval_mc_samples", self.eval_mc_samples,
                        f"0 with pc_method={self.pc_method!r} (only IVON methods have a posterior)")
-        if not self.pc_mean_term_weight >= 0:
-            raise _bad("pc_mean_term_weight", self.pc_mean_term_weight, "a number >= 0")
+        if self.pc_start_ratio and self.pc_start_step:
+            raise _bad("pc_start_step", self.pc_start_step,
+                       f"0 when pc_start_ratio={self.pc_start_ratio} is set (one of the two)")
         if (self.pc_method in ("ivon_pcm", "alpha_svrg") and self.max_steps > 0
                 and self.pc_start_step >= self.max_steps):
             raise _bad("pc_start_step", self.pc_start_step,
-                       f"an integer < max_steps={self.max_steps} (the correction would never start)")
+                       f"an integer < max_steps={self.max_steps} (the correction would never start; "
+                       "pc_start_ratio scales with the run length)")
         super().__post_init__()
+        self._check_optim()
+
+    def _check_optim(self) -> None:
+        """IVON methods ignore Trainer's optim and adam_* settings; alpha-SVRG runs over AdamW or SGD."""
+        optim = str(getattr(self.optim, "value", self.optim))
+        if self.pc_method == "alpha_svrg" and not (optim.startswith("adamw") or optim.startswith("sgd")):
+            raise _bad("optim", optim, "an AdamW or SGD variant with pc_method='alpha_svrg' (the "
+                       "base optimizer under the correction)")
+        if self.pc_method in ("ivon", "ivon_pcm"):
+            ref = TrainingArguments.__dataclass_fields__
+            changed = [n for n in ("optim", "adam_beta1", "adam_beta2", "adam_epsilon")
+                       if str(getattr(getattr(self, n), "value", getattr(self, n)))
+                       != str(getattr(ref[n].default, "value", ref[n].default))]
+            if changed:
+                warnings.warn(f"{', '.join(changed)} set but ignored with pc_method={self.pc_method!r}: "
+                              "the optimizer is IVON (ivon_* and pc_* fields set it)", UserWarning,
+                              stacklevel=3)
+
+    def start_step(self, num_training_steps: int) -> int:
+        """Optimizer steps before the correction starts, in a run of ``num_training_steps``."""
+        if self.pc_start_ratio:
+            return math.ceil(self.pc_start_ratio * num_training_steps)
+        return self.pc_start_step
 
     @property
     def corrects(self) -> bool:

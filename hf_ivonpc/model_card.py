@@ -12,6 +12,8 @@ import os
 import string
 from pathlib import Path
 
+from .optim.hparams import HPARAMS
+
 TEMPLATE_NAME = "posterior_model_card.md"
 PAPER = "SVRG and Beyond via Posterior Correction"
 
@@ -50,6 +52,10 @@ def _table(rows, header=("name", "value")) -> str:
     return "\n".join(lines)
 
 
+#: fields the card lists in its common rows
+_LISTED_BELOW = ("eval_mc_samples", "pc_log_diagnostics")
+
+
 def _hyperparameters(trainer) -> str:
     args = trainer.args
     method = args.pc_method
@@ -63,26 +69,15 @@ def _hyperparameters(trainer) -> str:
         elif args.ivon_ess is not None or trainer.train_dataset is None:
             ess = args.ivon_ess if args.ivon_ess is not None else "default (likelihood terms in the data)"
         else:
-            ess = trainer.default_ess()
-        rows += [("learning_rate", args.learning_rate, "eta, the step size of Alg. 4 (not rescaled by hess_init)"),
-                 ("ivon_ess", ess, "effective sample size kappa: sigma = 1 / sqrt(ess (h + delta))"),
-                 ("ivon_hess_init", args.ivon_hess_init, "initial Hessian h0"),
-                 ("ivon_beta1", args.ivon_beta1, "momentum of the gradient"),
-                 ("ivon_beta2", args.ivon_beta2, "momentum of the Hessian"),
-                 ("ivon_clip_radius", args.ivon_clip_radius, "element-wise clipping of the step"),
-                 ("weight_decay", args.weight_decay, "delta, the prior precision (0 on biases and norms)")]
-    if method in ("ivon_pcm", "alpha_svrg"):
-        rows += [("pc_alpha", args.pc_alpha, "weight of the correction"),
-                 ("pc_rho1", args.pc_rho1, "outer momentum of g_out (weight of the old estimate)")]
-    if method == "ivon_pcm":
-        rows += [("pc_rho2", args.pc_rho2, "outer momentum of h_out (weight of the old estimate)")]
-    if method in ("ivon_pcm", "alpha_svrg"):
-        rows += [("pc_megabatch_factor", args.pc_megabatch_factor, "mega-batch size in mini-batches"),
-                 ("pc_refresh_steps", args.pc_refresh_steps, "steps between refreshes of the outer statistics"),
-                 ("pc_start_step", args.pc_start_step, "steps without correction first")]
-    if method == "ivon_pcm":
-        rows += [("pc_mean_term_weight", args.pc_mean_term_weight, "weight of Alg. 4 line 14's mean term"),
-                 ("pc_shared_noise", args.pc_shared_noise, "theta_out reuses theta_in's noise")]
+            ess = trainer.resolved_ess()
+        rows.append(("learning_rate", args.learning_rate, "eta, the step size of Alg. 4 (not rescaled by hess_init)"))
+    # every hyperparameter of the method, with the first sentence of its help (optim.hparams)
+    for h in HPARAMS:
+        if h.field and method in h.methods and h.field not in _LISTED_BELOW:
+            value = ess if h.field == "ivon_ess" else getattr(args, h.field)
+            if h.field == "pc_start_step" and opt is not None:
+                value = opt.start_step
+            rows.append((h.field, value, h.help.split(". ")[0].rstrip(".")))
     if method == "alpha_svrg" and opt is not None:
         rows += [("base optimizer", {"sgd": "SGD"}.get(opt.base, "AdamW"), "the point-estimate "
                   "optimizer under the correction, chosen from optim")]

@@ -33,8 +33,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
 
-from .args import DEFAULT_SIGMA0, PCTrainingArguments
+from .args import PCTrainingArguments
 from .optim import IVON, IVONPC, AlphaSVRG, MegaBatchSampler
+from .optim.hparams import DEFAULT_SIGMA0, optimizer_kwargs
 from .optim._base import FlatStateOptimizer
 
 
@@ -133,31 +134,23 @@ class PCTrainer(Trainer):
         groups = [{"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
                   {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
-        common = dict(refresh_every=args.pc_refresh_steps, start_step=args.pc_start_step,
-                      shared_noise=args.pc_shared_noise, seed=args.seed)
+        sync = args.world_size > 1 and not self.is_fsdp_enabled
+        kw = optimizer_kwargs(args, args.pc_method)
         if args.pc_method == "alpha_svrg":
-            base = "sgd" if "sgd" in str(args.optim) else "adamw"
-            self.optimizer = AlphaSVRG(groups, lr=args.learning_rate, alpha=args.pc_alpha, base=base,
+            base = "sgd" if str(getattr(args.optim, "value", args.optim)).startswith("sgd") else "adamw"
+            self.optimizer = AlphaSVRG(groups, lr=args.learning_rate, base=base, seed=args.seed,
                                        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                                       rho1=args.pc_rho1, **common)
+                                       **kw)
             # the optimizer consumes each micro-batch's gradient: it averages them over ranks
             # (FSDP's reduce-scatter does it under FSDP)
-            self.optimizer.sync = args.world_size > 1 and not self.is_fsdp_enabled
+            self.optimizer.sync = sync
             return self.optimizer
-        ess = args.ivon_ess if args.ivon_ess is not None else self.default_ess()
         # Several processes: each rank draws its own noise (seed + rank) and pairs it with its own
         # gradients; the optimizer averages g and noise x g over ranks at step time (sync=True),
         # and DDP's own all-reduce of gradients made with different noise is switched off.
-        kw = dict(lr=args.learning_rate, ess=ess, hess_init=args.ivon_hess_init,
-                  beta1=args.ivon_beta1, beta2=args.ivon_beta2, clip_radius=args.ivon_clip_radius,
-                  rescale_lr=False, seed=args.seed, sync=args.world_size > 1 and not self.is_fsdp_enabled)
-        if args.pc_method == "ivon":
-            self.optimizer = IVON(groups, **kw)
-        else:
-            kw.pop("seed")
-            self.optimizer = IVONPC(groups, **kw, alpha=args.pc_alpha, rho1=args.pc_rho1,
-                                    rho2=args.pc_rho2, mean_term_weight=args.pc_mean_term_weight,
-                                    **common)
+        kw.update(lr=args.learning_rate, ess=self.resolved_ess(), seed=args.seed, sync=sync)
+        cls = IVON if args.pc_method == "ivon" else IVONPC
+        self.optimizer = cls(groups, **kw)
         return self.optimizer
 
     def _rebind_sharded_params(self) -> None:
@@ -169,8 +162,19 @@ class PCTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         # Trainer creates the scheduler right after accelerator.prepare, before loading a checkpoint
+        # and before the first step: the run's length is known here
         self._rebind_sharded_params()
+        opt = self.pc_optimizer
+        if opt is not None and opt.corrects:
+            opt.start_step = self.args.start_step(num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def resolved_ess(self) -> float:
+        """IVON's effective sample size for this run: ``ivon_ess``, or ``default_ess()`` when unset
+        (resolved once, then read by the optimizer and the model card)."""
+        if getattr(self, "_ess", None) is None:
+            self._ess = self.args.ivon_ess if self.args.ivon_ess is not None else self.default_ess()
+        return self._ess
 
     def default_ess(self) -> float:
         """IVON's effective sample size when ``ivon_ess`` is unset: the number of likelihood terms

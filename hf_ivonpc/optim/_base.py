@@ -36,13 +36,12 @@ squared norm of the shards. ``self.state[p]`` holds DTensors over the same memor
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import Any, Iterable
 
 import torch
 
-from . import _kernels
+from . import _kernels, hparams
 from ._kernels import run_kernel
 
 SAMPLE_ROLES = ("in", "out", "mega")
@@ -84,34 +83,12 @@ def check_arg(name: str, value: Any, ok: bool, accepted: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: accepted range is {accepted}")
 
 
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_positive(name: str, value: Any) -> None:
-    check_arg(name, value, _is_number(value) and value > 0, "a finite number > 0")
-
-
-def check_nonneg(name: str, value: Any) -> None:
-    check_arg(name, value, _is_number(value) and value >= 0, "a finite number >= 0")
-
-
-def check_beta(name: str, value: Any) -> None:
-    check_arg(name, value, _is_number(value) and 0 <= value < 1, "[0, 1)")
-
-
-def check_unit(name: str, value: Any) -> None:
-    check_arg(name, value, _is_number(value) and 0 <= value <= 1, "[0, 1]")
-
-
-def check_int_min(name: str, value: Any, low: int) -> None:
-    check_arg(name, value, isinstance(value, int) and not isinstance(value, bool) and value >= low,
-              f"an integer >= {low}")
-
-
-def check_radius(name: str, value: Any) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and value == value
-    check_arg(name, value, ok, "a number > 0 (inf disables clipping)")
+check_positive = hparams.POSITIVE.check
+check_nonneg = hparams.NONNEG.check
+check_beta = hparams.BETA.check
+check_unit = hparams.UNIT.check
+check_radius = hparams.RADIUS.check
+check_int_min = hparams.check_int_min
 
 
 def _default_chunk(device: torch.device) -> int:

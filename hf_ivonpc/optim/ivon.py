@@ -13,8 +13,12 @@ from __future__ import annotations
 import torch
 
 from . import _kernels as K
-from ._base import (FlatStateOptimizer, check_arg, check_beta, check_int_min, check_nonneg,
-                    check_positive, check_radius)
+from ._base import FlatStateOptimizer, check_arg, check_int_min, check_positive
+from .hparams import check as check_hparam
+from .hparams import default
+
+#: the hyperparameters every parameter group carries (checked per group)
+GROUP_HPARAMS = ("hess_init", "beta1", "beta2", "weight_decay", "clip_radius")
 
 
 class IVON(FlatStateOptimizer):
@@ -54,10 +58,16 @@ class IVON(FlatStateOptimizer):
     persistent_buffers = ("mean", "momentum", "hess")
     transient_buffers = ("noise", "acc_g", "acc_nxg")
 
-    def __init__(self, params, lr: float, ess: float, hess_init: float = 1.0, beta1: float = 0.9,
-                 beta2: float = 0.99999, weight_decay: float = 1e-4, mc_samples: int = 1,
-                 hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
-                 debias: bool = True, rescale_lr: bool = True, *, seed: int | None = None,
+    # ivon-opt 0.1.3's defaults (a drop-in replacement); IVONPC and PCTrainer use the project's
+    def __init__(self, params, lr: float, ess: float,
+                 hess_init: float = default("hess_init", ivon_opt=True),
+                 beta1: float = default("beta1", ivon_opt=True),
+                 beta2: float = default("beta2", ivon_opt=True),
+                 weight_decay: float = default("weight_decay", ivon_opt=True), mc_samples: int = 1,
+                 hess_approx: str = "price",
+                 clip_radius: float = default("clip_radius", ivon_opt=True), sync: bool = False,
+                 debias: bool = True, rescale_lr: bool = default("rescale_lr", ivon_opt=True), *,
+                 seed: int | None = None,
                  generator: torch.Generator | None = None, chunk_size: int | None = None,
                  fused: bool | None = None, _pc_defaults: dict | None = None, **pc_kwargs):
         check_int_min("mc_samples", mc_samples, 1)
@@ -76,12 +86,8 @@ class IVON(FlatStateOptimizer):
     def _check_group(self, group: dict, gi: int) -> None:
         pre = "" if gi == 0 else f"param_groups[{gi}]."
         check_positive(pre + "lr", group["lr"])
-        check_positive(pre + "ess", group["ess"])
-        check_positive(pre + "hess_init", group["hess_init"])
-        check_beta(pre + "beta1", group["beta1"])
-        check_beta(pre + "beta2", group["beta2"])
-        check_nonneg(pre + "weight_decay", group["weight_decay"])
-        check_radius(pre + "clip_radius", group["clip_radius"])
+        for name in ("ess",) + GROUP_HPARAMS:
+            check_hparam(name, group[name], pre + name)
 
     def _init_state(self, group, flat):
         flat["hess"].fill_(group["hess_init"])

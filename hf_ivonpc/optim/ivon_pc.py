@@ -9,8 +9,13 @@ from __future__ import annotations
 import torch
 
 from . import _kernels as K
-from ._base import binary_out, check_nonneg, check_unit
+from ._base import binary_out
+from .hparams import check as check_hparam
+from .hparams import default as _d
 from .ivon import IVON
+
+#: the correction's hyperparameters every parameter group carries
+PC_GROUP_HPARAMS = ("alpha", "rho1", "rho2", "mean_term_weight")
 
 
 class IVONPC(IVON):
@@ -31,14 +36,16 @@ class IVONPC(IVON):
         g_bar <- (g / (1 - beta1^t) + wd m + w alpha (h_out - h_hat_out)(m - m_out)) / (h + wd)
         m     <- m - lr' clip(g_bar, clip_radius)
 
+    Defaults: the project's (``hparams.HPARAMS``, the same as ``PCTrainingArguments``), which differ
+    from ``IVON``'s ivon-opt-compatible ones in hess_init (1e-3), clip_radius (1e-3), weight_decay
+    (0) and rescale_lr (False: ``lr`` is eta itself).
+
     Args (besides IVON's):
         alpha: weight of the correction (>= 0; 0 is IVON).
         rho1, rho2: outer momentum of g_out and h_out, in [0, 1] (0: always the freshest mega-batch).
-        mean_term_weight: w, the weight of line 14's extra mean term (>= 0). Default 0.01, the
-            paper's value for logistic regression and CNNs: the term multiplies a noisy Hessian
-            estimate and at weight 1 without tight clipping it diverges (the README's example
-            reaches NaN within 30 steps). The paper's transformer recipe uses 1.0 with
-            ``clip_radius=1e-3``.
+        mean_term_weight: w, the weight of line 14's extra mean term (>= 0). The term multiplies a
+            noisy Hessian estimate: the paper uses 0.01 for logistic regression and CNNs and 1.0
+            with ``clip_radius=1e-3`` for transformers; without tight clipping weight 1 diverges.
         refresh_every: optimizer steps between refreshes (the inner-loop length m, >= 1).
         start_step: optimizer steps without correction first (no second pass, no refresh).
         shared_noise: theta_out reuses theta_in's standard-normal draw (common random numbers).
@@ -48,12 +55,16 @@ class IVONPC(IVON):
     transient_buffers = IVON.transient_buffers + ("acc_nxg_out",)
     corrects = True
 
-    def __init__(self, params, lr: float, ess: float, hess_init: float = 1.0, beta1: float = 0.9,
-                 beta2: float = 0.99999, weight_decay: float = 1e-4, mc_samples: int = 1,
-                 hess_approx: str = "price", clip_radius: float = float("inf"), sync: bool = False,
-                 debias: bool = True, rescale_lr: bool = True, *, alpha: float = 1.0,
-                 rho1: float = 0.0, rho2: float = 0.0, mean_term_weight: float = 0.01,
-                 refresh_every: int = 10, start_step: int = 0, shared_noise: bool = True,
+    # the project's defaults (hparams), the same as PCTrainingArguments'
+    def __init__(self, params, lr: float, ess: float, hess_init: float = _d("hess_init"),
+                 beta1: float = _d("beta1"), beta2: float = _d("beta2"),
+                 weight_decay: float = _d("weight_decay"), mc_samples: int = 1,
+                 hess_approx: str = "price", clip_radius: float = _d("clip_radius"),
+                 sync: bool = False, debias: bool = True, rescale_lr: bool = _d("rescale_lr"), *,
+                 alpha: float = _d("alpha"), rho1: float = _d("rho1"), rho2: float = _d("rho2"),
+                 mean_term_weight: float = _d("mean_term_weight"),
+                 refresh_every: int = _d("refresh_every"), start_step: int = _d("start_step"),
+                 shared_noise: bool = _d("shared_noise"),
                  seed: int | None = None, generator: torch.Generator | None = None,
                  chunk_size: int | None = None, fused: bool | None = None):
         if hess_approx != "price":
@@ -70,10 +81,8 @@ class IVONPC(IVON):
     def _check_group(self, group, gi):
         super()._check_group(group, gi)
         pre = "" if gi == 0 else f"param_groups[{gi}]."
-        check_nonneg(pre + "alpha", group["alpha"])
-        check_unit(pre + "rho1", group["rho1"])
-        check_unit(pre + "rho2", group["rho2"])
-        check_nonneg(pre + "mean_term_weight", group["mean_term_weight"])
+        for name in PC_GROUP_HPARAMS:
+            check_hparam(name, group[name], pre + name)
 
     def _synced_buffers(self):
         return ("acc_g", "acc_nxg", "acc_nxg_out")

@@ -9,19 +9,21 @@ It drives like the fast optimizers (``needs_refresh``, ``refreshing()``,
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
 
+from ..hparams import default as _d
 from ._noise import standard_normal_per_param
 
 
 class IVONPC:
-    def __init__(self, params, lr, ess, hess_init=1.0, beta1=0.9, beta2=0.99999, weight_decay=1e-4,
-                 clip_radius=math.inf, rescale_lr=True, *, alpha=1.0, rho1=0.0, rho2=0.0,
-                 mean_term_weight=0.01, refresh_every=10, start_step=0, shared_noise=True,
-                 generator=None, seed=0):
+    # the defaults of the fast IVONPC (the project's, from hparams)
+    def __init__(self, params, lr, ess, hess_init=_d("hess_init"), beta1=_d("beta1"),
+                 beta2=_d("beta2"), weight_decay=_d("weight_decay"), clip_radius=_d("clip_radius"),
+                 rescale_lr=_d("rescale_lr"), *, alpha=_d("alpha"), rho1=_d("rho1"), rho2=_d("rho2"),
+                 mean_term_weight=_d("mean_term_weight"), refresh_every=_d("refresh_every"),
+                 start_step=_d("start_step"), shared_noise=_d("shared_noise"), generator=None, seed=0):
         params = list(params)
         groups = params if isinstance(params[0], dict) else [{"params": params}]
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
