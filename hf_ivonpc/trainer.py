@@ -21,7 +21,13 @@ FSDP1 and DeepSpeed are refused with a clear error.
 
 ``max_grad_norm`` is applied inside the optimizer to each micro-batch's gradient at its share
 (Trainer's own clipping comes after ``training_step``, when the optimizer has consumed the
-gradients).
+gradients); the theta_out pass of a micro-batch is scaled by the factor of its theta_in pass, so
+that their difference cancels where the two gradients agree.
+
+At ``logging_steps`` the IVON methods log what the optimizer measured (``pc_log_diagnostics``):
+``pc/clipped_share`` (updates at the clip radius) and, for IVON-PCM, ``pc/grad_var_ratio`` and
+``pc/hess_var_ratio`` (variance of the corrected estimate over the plain one: below 1 the
+correction removes noise, above 1 it adds some) and ``pc/h_out_negative_share``.
 """
 
 from __future__ import annotations
@@ -151,6 +157,7 @@ class PCTrainer(Trainer):
         kw.update(lr=args.learning_rate, ess=self.resolved_ess(), seed=args.seed, sync=sync)
         cls = IVON if args.pc_method == "ivon" else IVONPC
         self.optimizer = cls(groups, **kw)
+        self.optimizer.track_diagnostics = args.pc_log_diagnostics
         return self.optimizer
 
     def _rebind_sharded_params(self) -> None:
@@ -362,6 +369,8 @@ class PCTrainer(Trainer):
                 sigma = _global_stats(opt, opt.posterior_std())
                 logs.update({"pc/h_mean": h["sum"] / h["count"], "pc/h_min": h["min"],
                              "pc/sigma_mean": sigma["sum"] / sigma["count"]})
+            if hasattr(opt, "diagnostics"):
+                logs.update({f"pc/{k}": v for k, v in opt.diagnostics().items()})
             logs.update(self._pc_logs)
             self._pc_logs = {}
         super().log(logs, *args, **kwargs)

@@ -340,6 +340,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
 
     def _reset_accumulators(self) -> None:
         self._count = {r: 0 for r in SAMPLE_ROLES}
+        self._in_clip_scales: list[torch.Tensor] = []
         self._seen = [[False] * len(g["params"]) for g in self.param_groups]
         self._written = [set() for _ in self.param_groups]
 
@@ -388,7 +389,7 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
             self._write_params()
 
     def _collect_role(self, at: str) -> None:
-        self._clip_grads(record=at == "in")
+        self._clip_grads(at)
         for gi, group in enumerate(self.param_groups):
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not idx:
@@ -406,23 +407,30 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
                 group["params"][i].grad = None
         self._count[at] += 1
 
-    def _clip_grads(self, record: bool) -> None:
+    def _clip_grads(self, at: str) -> None:
+        """Scale the gradients to ``max_grad_norm``. The theta_out pass of a mini-batch takes the
+        factor of its theta_in pass (in order, when several are collected), so that the two
+        gradients keep their common part and their difference cancels where it should."""
         if self.max_grad_norm is None:
             return
         check_positive("max_grad_norm", self.max_grad_norm)
         grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        norms = torch.stack([n.to(self._dtype) for n in torch._foreach_norm(grads)])
-        if self._shard_group is None:
-            norm = torch.linalg.vector_norm(norms)
-        else:   # the norm of the whole gradient, from every rank's shards
-            sq = norms.square().sum()
-            torch.distributed.all_reduce(sq, group=self._shard_group)
-            norm = sq.sqrt()
-        if record:
-            self.last_grad_norm = norm
-        scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        if at == "out" and self._in_clip_scales:
+            scale = self._in_clip_scales.pop(0)
+        else:
+            norms = torch.stack([n.to(self._dtype) for n in torch._foreach_norm(grads)])
+            if self._shard_group is None:
+                norm = torch.linalg.vector_norm(norms)
+            else:   # the norm of the whole gradient, from every rank's shards
+                sq = norms.square().sum()
+                torch.distributed.all_reduce(sq, group=self._shard_group)
+                norm = sq.sqrt()
+            scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            if at == "in":
+                self.last_grad_norm = norm
+                self._in_clip_scales.append(scale)
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
 
     def _views_of(self, gi: int, name: str, idx: list[int]) -> list[torch.Tensor]:

@@ -119,7 +119,7 @@ def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc,
 
 def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out=None,
                 h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, price: bool = True,
-                clip: bool = True, mean_term: bool = False):
+                clip: bool = True, mean_term: bool = False, clipped=None):
     """One IVON(-PCM) step, Alg. 4 lines 8-16. The correction is used when ``g_out`` is given.
 
     sc = [1/k, beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2)^2 / 2, wd, ess/k, debias,
@@ -146,8 +146,53 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
         num = num + extra
     u = num / (hess + wd)
     if clip:
+        if clipped is not None:                        # diagnostics: coordinates at the radius
+            clipped.add_((u.abs() > r).sum(dtype=torch.float64))
         u = torch.clamp(u, -r, r)
     mean.copy_(mean - lr * u)                          # line 15
+
+
+# ---------------------------------------------------------------------------- diagnostics
+# The variance of an estimate e with mean E[e] is E||e||^2 - ||E[e]||^2; ||E[e]||^2 is estimated
+# by <e, r> with a reference r independent of e whose mean is E[e]: the debiased momentum for
+# gradients, h_out (the mega-batch estimate) for Hessians. Plain and corrected estimates of the
+# same micro-batch use the same references, so alpha = 0 gives the same variance for both.
+def _dot(a, b):
+    return (a * b).sum(dtype=torch.float64)
+
+
+def pc_stats_plain(acc_g, acc_nxg, hess, momentum, h_out, sc, out):
+    """The plain estimates of a micro-batch before its theta_out pass. sc = [wd, ess, 1/debias].
+    out += [x.x, x.r, hx.hx, hx.h_out] with x its gradient, hx = x eps / sigma, r the momentum."""
+    r = momentum * sc[2]
+    hx = acc_nxg * (hess + sc[0]) * sc[1]
+    out.add_(torch.stack([_dot(acc_g, acc_g), _dot(acc_g, r), _dot(hx, hx), _dot(hx, h_out)]))
+
+
+def pc_stats_corrected(acc_g, acc_nxg, acc_nxg_out, hess, sigma_out, momentum, g_out, h_out, sc, out):
+    """The corrected estimates of the same micro-batch after its theta_out pass; acc_g holds
+    z = x - alpha g_o, so the corrected gradient is c z + alpha g_out for a micro-batch that is a
+    share 1/c of the step. sc = [wd, ess, 1/debias, alpha]. out += [z.z, z.ga, ga.ga, z.r, ga.r,
+    w.w, w.ha, ha.ha, w.h_out, ha.h_out] with ga = alpha g_out, ha = alpha h_out and
+    w = hx - alpha ho the corrected Hessian estimate's micro-batch part."""
+    r = momentum * sc[2]
+    ga = g_out * sc[3]
+    ha = h_out * sc[3]
+    w = acc_nxg * (hess + sc[0]) * sc[1] - sc[3] * acc_nxg_out / (sigma_out * sigma_out)
+    out.add_(torch.stack([_dot(acc_g, acc_g), _dot(acc_g, ga), _dot(ga, ga), _dot(acc_g, r),
+                          _dot(ga, r), _dot(w, w), _dot(w, ha), _dot(ha, ha), _dot(w, h_out),
+                          _dot(ha, h_out)]))
+
+
+def variances_from_stats(raw: torch.Tensor, c: float) -> torch.Tensor:
+    """[Var plain gradient, Var corrected gradient, Var plain Hessian, Var corrected Hessian] of a
+    step's estimates from the 14 sums of ``pc_stats_plain`` and ``pc_stats_corrected`` of one
+    micro-batch that is a share 1/c of the step (c = 1 when it is a whole estimate)."""
+    xx, xr, hxx, hxo, zz, zga, gaga, zr, gar, ww, wha, haha, wo, hao = raw.unbind()
+    return torch.stack([c * c * xx - c * xr,
+                        c * c * zz + 2 * c * zga + gaga - (c * zr + gar),
+                        c * c * hxx - c * hxo,
+                        c * c * ww + 2 * c * wha + haha - (c * wo + hao)])
 
 
 # ---------------------------------------------------------------------------- SVRG family

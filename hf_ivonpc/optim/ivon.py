@@ -82,6 +82,10 @@ class IVON(FlatStateOptimizer):
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
                          fused=fused, **pc_kwargs)
         self.sync = sync
+        #: compute what ``diagnostics()`` reports (a few reductions per step, no extra pass of the
+        #: model); off by default, on in PCTrainer unless ``pc_log_diagnostics=False``
+        self.track_diagnostics = False
+        self._reset_diagnostics()
 
     def _check_group(self, group: dict, gi: int) -> None:
         pre = "" if gi == 0 else f"param_groups[{gi}]."
@@ -148,6 +152,15 @@ class IVON(FlatStateOptimizer):
         lr = group["lr"]
         return lr * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else lr
 
+    def _before_update(self) -> None:
+        super()._before_update()
+        if self._diag_raw_ready:   # one micro-batch's sums, scaled to the step it is a part of
+            c = float(self._count["in"]) if self.grad_reduction == "sum" else 1.0
+            self._diag_var[:4] += K.variances_from_stats(self._diag_raw, c)
+            self._diag_var[4] += 1
+            self._diag_raw.zero_()
+            self._diag_raw_ready = False
+
     def _update(self, flat, group, k, use_correction, ranges):
         b1, b2 = group["beta1"], group["beta2"]
         r = group["clip_radius"]
@@ -161,9 +174,68 @@ class IVON(FlatStateOptimizer):
         names.append("noise" if self._nxg_pending[gi] else "acc_nxg")
         if use_correction:
             names += ["g_out", "h_out", "m_out", "sigma_out", "acc_nxg_out"]
+        clip = r != float("inf")
+        track = self.track_diagnostics and clip
+        if track:
+            self._diag_counts[0] += sum(sl.stop - sl.start for sl in ranges)
         self._run(K.ivon_update, {n: flat[n] for n in names}, scalars, ranges,
-                  price=self.hess_approx == "price", clip=r != float("inf"),
-                  mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0)
+                  price=self.hess_approx == "price", clip=clip,
+                  mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0,
+                  clipped=self._diag_clipped if track else None)
+
+    # ------------------------------------------------------------------ diagnostics
+    def _reset_diagnostics(self) -> None:
+        f64 = dict(dtype=torch.float64, device=self._device)
+        #: summed over the steps since the last ``diagnostics()``: the variances of the plain and
+        #: corrected gradient and Hessian estimates, and the number of steps they come from
+        self._diag_var = torch.zeros(5, **f64)
+        #: the sums of one micro-batch of the current step (``_kernels.pc_stats_*``)
+        self._diag_raw = torch.zeros(14, **f64)
+        self._diag_raw_ready = False
+        self._diag_clipped = torch.zeros(1, **f64)     # coordinates clipped
+        self._diag_h_out_negative = torch.zeros(1, **f64)
+        self._diag_counts = [0, 0]                    # coordinates updated, h_out entries
+
+    def rebind_params(self) -> None:
+        super().rebind_params()
+        self._reset_diagnostics()   # on the shards' device
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        """What the optimizer measured since the last call (then reset), for logging:
+
+        - ``grad_var_ratio``: variance of the corrected gradient estimate over that of the plain
+          one, summed over coordinates (1: the correction removes nothing; < 1: a gain; > 1: it
+          adds variance). ``hess_var_ratio``: the same for the Hessian estimate. From one
+          micro-batch per corrected step, with no extra evaluation of the model (see
+          ``_kernels.pc_stats_plain``); ``var_steps`` says how many steps they average.
+        - ``clipped_share``: share of coordinate updates that hit ``clip_radius``.
+        - ``h_out_negative_share``: share of negative entries of h_out at the refreshes.
+
+        Only what was measured is returned (nothing while ``track_diagnostics`` is False).
+        Collective when the parameters are sharded or ``sync`` is set: every rank must call it."""
+        var = self._diag_var.clone()
+        counts = torch.cat([self._diag_clipped, self._diag_h_out_negative,
+                            torch.tensor(self._diag_counts, dtype=torch.float64, device=self._device)])
+        if self._shard_group is not None:   # the sums of every rank's shards
+            torch.distributed.all_reduce(var, group=self._shard_group)
+            torch.distributed.all_reduce(counts, group=self._shard_group)
+            var[4] /= torch.distributed.get_world_size(self._shard_group)
+        elif self.sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(var)   # each rank measured its own micro-batches
+            var /= torch.distributed.get_world_size()
+        self._reset_diagnostics()
+        vx, vy, hx, hy, n = var.tolist()
+        clipped, negative, updated, entries = counts.tolist()
+        out: dict[str, float] = {}
+        if n > 0:
+            out.update(grad_var_ratio=vy / vx if vx > 0 else float("nan"),
+                       hess_var_ratio=hy / hx if hx > 0 else float("nan"), var_steps=n)
+        if updated > 0:
+            out["clipped_share"] = clipped / updated
+        if entries > 0:
+            out["h_out_negative_share"] = negative / entries
+        return out
 
     # ------------------------------------------------------------------ inspection
     @torch.no_grad()

@@ -108,8 +108,22 @@ class IVONPC(IVON):
     def _collect(self, gi, group, at, grads, idx):
         if at != "out":
             return super()._collect(gi, group, at, grads, idx)
+        # diagnostics from the first micro-batch of the step, when it is alone in the buffers
+        track = (self.track_diagnostics and self._count["in"] == 1 and self._count["out"] == 0
+                 and group["step"] > 0 and len(idx) == len(group["params"]))
+        flat = self._flat[gi]
+        if track:
+            sc = [group["weight_decay"], group["ess"],
+                  1.0 / (1.0 - group["beta1"] ** group["step"]) if self.debias else 1.0]
+            self._run(K.pc_stats_plain, {n: flat[n] for n in ("acc_g", "acc_nxg", "hess", "momentum",
+                                                              "h_out")}, sc, out=self._diag_raw[:4])
         self._acc(gi, "acc_g", idx, grads, alpha=-group["alpha"])
         self._acc(gi, "acc_nxg_out", idx, self._views_of(gi, "noise", idx), grads)
+        if track:
+            names = ("acc_g", "acc_nxg", "acc_nxg_out", "hess", "sigma_out", "momentum", "g_out", "h_out")
+            self._run(K.pc_stats_corrected, {n: flat[n] for n in names}, sc + [group["alpha"]],
+                      out=self._diag_raw[4:])
+            self._diag_raw_ready = True
 
     # ------------------------------------------------------------------ outer loop
     def _finish_refresh(self, gi, group, flat, first):
@@ -117,3 +131,6 @@ class IVONPC(IVON):
         self._run(K.ivon_refresh, {n: flat[n] for n in names},
                   [1.0 / self._count["mega"], group["ess"], group["weight_decay"], group["rho1"],
                    1.0 - group["rho1"], group["rho2"], 1.0 - group["rho2"]], first=first)
+        if self.track_diagnostics:
+            self._diag_h_out_negative += (flat["h_out"] < 0).sum(dtype=torch.float64)
+            self._diag_counts[1] += flat["h_out"].numel()
