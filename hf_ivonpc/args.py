@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .optim.hparams import BY_FIELD, DEFAULT_IVON_LR, DEFAULT_SIGMA0, LEARNING_RATE, POSITIVE
+from .optim.hparams import (BY_FIELD, DEFAULT_IVON_LR, DEFAULT_SIGMA0, LEARNING_RATE, POSITIVE,
+                            RESOLVED_FIELDS)
 
 PC_METHODS = ("ivon", "ivon_pcm", "alpha_svrg", "none")
 __all__ = ["PCTrainingArguments", "PC_METHODS", "DEFAULT_IVON_LR", "DEFAULT_SIGMA0"]
@@ -27,7 +28,8 @@ def _bad(name: str, value, accepted: str) -> ValueError:
 def _hp(name: str):
     """The dataclass field of hyperparameter ``name``: default and help from ``optim.hparams``."""
     h = BY_FIELD[name]
-    return field(default=h.default, metadata={"help": f"{h.help} Accepted: {h.range.text}."})
+    value = None if name in RESOLVED_FIELDS else h.default
+    return field(default=value, metadata={"help": f"{h.help} Accepted: {h.range.text}."})
 
 
 @dataclass
@@ -43,7 +45,7 @@ class PCTrainingArguments(TrainingArguments):
     ivon_ess: float | None = _hp("ivon_ess")
     ivon_hess_init: float = _hp("ivon_hess_init")
     ivon_beta1: float = _hp("ivon_beta1")
-    ivon_beta2: float = _hp("ivon_beta2")
+    ivon_beta2: float | None = _hp("ivon_beta2")
     ivon_clip_radius: float = _hp("ivon_clip_radius")
     pc_alpha: float = _hp("pc_alpha")
     pc_rho1: float = _hp("pc_rho1")
@@ -78,7 +80,7 @@ class PCTrainingArguments(TrainingArguments):
                              "bf16=True (fp32 parameters under bf16 autocast)")
         for name, h in BY_FIELD.items():
             value = getattr(self, name)
-            if not (name == "ivon_ess" and value is None):
+            if not (name in RESOLVED_FIELDS and value is None):
                 h.check(value)
         if self.eval_mc_samples and not variational:
             raise _bad("eval_mc_samples", self.eval_mc_samples,

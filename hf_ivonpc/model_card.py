@@ -75,6 +75,8 @@ def _hyperparameters(trainer) -> str:
     for h in HPARAMS:
         if h.field and method in h.methods and h.field not in _LISTED_BELOW:
             value = ess if h.field == "ivon_ess" else getattr(args, h.field)
+            if value is None and opt is not None and h.kwarg in opt.param_groups[0]:
+                value = opt.param_groups[0][h.kwarg]   # resolved for the run
             if h.field == "pc_start_step" and opt is not None:
                 value = opt.start_step
             rows.append((h.field, value, h.help.split(". ")[0].rstrip(".")))

@@ -41,7 +41,7 @@ from transformers import Trainer
 
 from .args import PCTrainingArguments
 from .optim import IVON, IVONPC, AlphaSVRG, MegaBatchSampler
-from .optim.hparams import DEFAULT_SIGMA0, optimizer_kwargs
+from .optim.hparams import DEFAULT_SIGMA0, beta2_for_horizon, optimizer_kwargs
 from .optim._base import FlatStateOptimizer
 
 
@@ -78,8 +78,8 @@ def _global_stats(opt: FlatStateOptimizer, tensors: list[torch.Tensor]) -> dict[
                                  torch.tensor(float(t.numel()), **f64)])
             low = torch.minimum(low, t.min().double())
     if opt.sharded:
-        torch.distributed.all_reduce(sums, group=opt._shard_group)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=opt._shard_group)
+        torch.distributed.all_reduce(sums, group=opt.process_group)
+        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=opt.process_group)
     s, sq, n = sums.tolist()
     return {"sum": s, "sumsq": sq, "count": n, "min": low.item()}
 
@@ -174,6 +174,9 @@ class PCTrainer(Trainer):
         opt = self.pc_optimizer
         if opt is not None and opt.corrects:
             opt.start_step = self.args.start_step(num_training_steps)
+        if opt is not None and "beta2" in opt.defaults and self.args.ivon_beta2 is None:
+            for group in opt.param_groups:
+                group["beta2"] = beta2_for_horizon(num_training_steps)
         return super().create_scheduler(num_training_steps, optimizer)
 
     def resolved_ess(self) -> float:
@@ -278,7 +281,7 @@ class PCTrainer(Trainer):
             # the optimizer's refresh count (in its state_dict) picks the mega-batch: a resumed
             # run draws the same ones
             # each rank evaluates its share of the mega-batch's micro-batches
-            parts = self._mega_sampler.sample(index=opt._pc["refreshes"])
+            parts = self._mega_sampler.sample(index=opt.refreshes)
             for idx in parts[self.args.process_index::self.args.world_size]:
                 batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
                 with self._local_gradients(model, opt), opt.sampled_params(train=True, at="mega"):
@@ -286,7 +289,7 @@ class PCTrainer(Trainer):
                         loss = self.compute_loss(model, batch)
                     self.accelerator.backward(loss)
                 losses.append(loss.detach().float())
-        flat = opt._flat
+        flat = opt.flat_state()
         g_out = _global_stats(opt, [f["g_out"] for f in flat])
         # every rank evaluated an equal share of the mega-batch
         megabatch_loss = self.accelerator.reduce(torch.stack(losses).mean(), reduction="mean")
@@ -364,8 +367,8 @@ class PCTrainer(Trainer):
         if opt is not None and "loss" in logs:
             if opt.last_grad_norm is not None:   # the last micro-batch's, at the window's scale
                 logs["pc/grad_norm"] = opt.last_grad_norm.item() * self.args.gradient_accumulation_steps
-            if "hess" in opt._flat[0]:
-                h = _global_stats(opt, [f["hess"] for f in opt._flat])
+            if "hess" in opt.flat_state()[0]:
+                h = _global_stats(opt, [f["hess"] for f in opt.flat_state()])
                 sigma = _global_stats(opt, opt.posterior_std())
                 logs.update({"pc/h_mean": h["sum"] / h["count"], "pc/h_min": h["min"],
                              "pc/sigma_mean": sigma["sum"] / sigma["count"]})
@@ -417,8 +420,8 @@ class PCTrainer(Trainer):
         match = all(torch.equal(local(opt.state[p]["mean"]).to(p.dtype), local(p).detach())
                     for g in opt.param_groups for p in g["params"])
         if opt.sharded:
-            flag = torch.tensor(int(match), device=opt._device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=opt._shard_group)
+            flag = torch.tensor(int(match), device=opt.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=opt.process_group)
             match = bool(flag.item())
         return post, match
 

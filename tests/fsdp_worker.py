@@ -41,7 +41,8 @@ def make(name, params):
         cls, kw = type("I", (IndexNoise, IVON), {}), dict(kw, lr=0.1, ess=1e3, hess_init=0.5, seed=0)
     elif name == "ivon_pcm":
         cls = type("P", (IndexNoise, IVONPC), {})
-        kw = dict(kw, lr=0.1, ess=1e3, hess_init=0.5, alpha=1.0, refresh_every=REFRESH, start_step=1, seed=0)
+        kw = dict(kw, lr=0.1, ess=1e3, hess_init=0.5, alpha=1.0, refresh_every=REFRESH, start_step=1, seed=0,
+                  clip_radius=float("inf"), weight_decay=1e-4, rescale_lr=True)
     else:
         cls = type("S", (IndexNoise, AlphaSVRG), {})
         kw = dict(kw, lr=1e-2, alpha=0.5, refresh_every=REFRESH, start_step=1, seed=0)

@@ -10,7 +10,7 @@ from hf_ivonpc import PCTrainer, PCTrainingArguments
 from hf_ivonpc.model_card import render_model_card
 from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
 from hf_ivonpc.optim import reference as ref
-from hf_ivonpc.optim.hparams import BY_FIELD, BY_KWARG, HPARAMS
+from hf_ivonpc.optim.hparams import BY_FIELD, BY_KWARG, HPARAMS, RESOLVED_FIELDS
 
 from _tiny_lm import CharWindows, tiny_gpt2
 
@@ -27,7 +27,7 @@ def _same(a, b) -> bool:
 def test_arguments_take_default_and_help_from_the_table():
     fields = PCTrainingArguments.__dataclass_fields__
     for name, h in BY_FIELD.items():
-        assert _same(fields[name].default, h.default), name
+        assert _same(fields[name].default, None if name in RESOLVED_FIELDS else h.default), name
         if name != "weight_decay":   # Trainer's own field (its default is checked equal above)
             assert h.help in fields[name].metadata["help"], name
 
@@ -66,7 +66,7 @@ def test_trainer_builds_the_optimizer_with_the_tables_defaults(tmp_path, method)
     opt = _trainer(tmp_path, method).pc_optimizer
     group = opt.param_groups[0]
     for h in HPARAMS:
-        if not h.kwarg or method not in h.methods or h.kwarg in ("ess", "weight_decay"):
+        if not h.kwarg or method not in h.methods or h.kwarg in ("ess", "weight_decay", "beta2"):
             continue
         if h.kwarg in group:
             assert _same(group[h.kwarg], h.default), (h.kwarg, group[h.kwarg])
@@ -74,6 +74,8 @@ def test_trainer_builds_the_optimizer_with_the_tables_defaults(tmp_path, method)
             assert _same(getattr(opt, h.kwarg), h.default), (h.kwarg, getattr(opt, h.kwarg))
     if method != "alpha_svrg":
         assert opt.rescale_lr is False
+        # unset beta2: h moves 63% of the way from h0 within the run's 20 steps
+        assert group["beta2"] == pytest.approx(1 - 1 / 20) and 1 - group["beta2"] ** 20 == pytest.approx(0.64, abs=0.01)
 
 
 def test_trainer_passes_every_field_to_the_optimizer(tmp_path):

@@ -245,6 +245,25 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         self._reset_accumulators()
         self._record_param_versions()
 
+    def flat_state(self) -> list[dict[str, torch.Tensor]]:
+        """Per parameter group, its persistent buffers by name as flat tensors (the optimizer's
+        own memory, not copies; each rank's shards when the parameters are sharded)."""
+        return [{name: flat[name] for name in self.persistent_buffers} for flat in self._flat]
+
+    @property
+    def refreshes(self) -> int:
+        """Refreshes of the outer statistics so far."""
+        return self._pc["refreshes"]
+
+    @property
+    def process_group(self):
+        """The process group that shards the parameters (None when they are not sharded)."""
+        return self._shard_group
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     @property
     def sharded(self) -> bool:
         """Whether the parameters are sharded over ranks (FSDP2)."""

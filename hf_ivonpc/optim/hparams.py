@@ -90,9 +90,10 @@ HPARAMS: tuple[HParam, ...] = (
            "from it.", ivon_opt=1.0),
     HParam("beta1", "ivon_beta1", 0.9, BETA, "Momentum of the gradient."),
     HParam("beta2", "ivon_beta2", 0.99999, BETA,
-           "Momentum of the Hessian h. After T steps h has moved at most 1 - beta2^T of the way "
-           "from h0 (2% at 2,000 steps for 0.99999): short runs need a smaller value for the "
-           "posterior to adapt."),
+           "Momentum of the Hessian h. After T steps h has moved 1 - beta2^T of the way from h0 "
+           "(2% at 2,000 steps for 0.99999). Unset in PCTrainingArguments: 1 - 1/T for a run of T "
+           "optimizer steps, at most 0.99999, so that h moves 63% of the way, as with the paper's "
+           "0.99999 over its 100k steps."),
     HParam("clip_radius", "ivon_clip_radius", 1e-3, RADIUS,
            "Element-wise clipping of the preconditioned step: a weight moves by at most "
            "learning_rate x clip_radius per step (inf disables it).", ivon_opt=math.inf),
@@ -140,6 +141,9 @@ HPARAMS: tuple[HParam, ...] = (
            "probabilities averaged over k draws.", methods=_IVON),
 )
 
+#: fields that PCTrainingArguments leaves unset (None) by default: resolved for the run
+RESOLVED_FIELDS = ("ivon_ess", "ivon_beta2")
+
 BY_KWARG: dict[str, HParam] = {h.kwarg: h for h in HPARAMS if h.kwarg}
 BY_FIELD: dict[str, HParam] = {h.field: h for h in HPARAMS if h.field}
 
@@ -147,6 +151,12 @@ BY_FIELD: dict[str, HParam] = {h.field: h for h in HPARAMS if h.field}
 DEFAULT_IVON_LR = 1.0
 #: the largest initial posterior std the default ess allows
 DEFAULT_SIGMA0 = 1e-3
+
+
+def beta2_for_horizon(num_steps: int) -> float:
+    """beta2 under which h moves 1 - 1/e (63%) of the way from h0 in ``num_steps`` steps, as the
+    paper's 0.99999 does in 100k steps (capped there)."""
+    return min(BY_KWARG["beta2"].default, 1.0 - 1.0 / max(num_steps, 2))
 
 
 def default(kwarg: str, ivon_opt: bool = False) -> Any:

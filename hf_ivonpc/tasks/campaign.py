@@ -1,0 +1,121 @@
+"""Comparisons as experiments: cached runs, one tuning rule for every method, intervals, and the
+read-off of a run's curve at equal steps, gradient evaluations or time.
+
+Shared by ``scripts/evidence.py`` and ``scripts/ablate.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from transformers import TrainerCallback
+
+#: the seed every tuning run uses; reported runs use other seeds
+TUNE_SEED = 1000
+
+
+class CPUClock(TrainerCallback):
+    """Process CPU time spent in training steps (evaluation excluded) at each evaluation, and the
+    optimizer's diagnostics at each log. With one thread per process, CPU time is the time the
+    run would take alone, also when other runs share the machine."""
+
+    def __init__(self):
+        self.cpu_s, self.t0, self.points, self.logs = 0.0, None, [], []
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.process_time()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.cpu_s += time.process_time() - self.t0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self.points.append({"step": state.global_step, "cpu_s": self.cpu_s,
+                            **{k: v for k, v in (metrics or {}).items() if k.startswith("eval_")
+                               and isinstance(v, (int, float))}})
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        keep = {k: v for k, v in (logs or {}).items() if k.startswith("pc/") or k == "loss"}
+        if keep:
+            self.logs.append({"step": state.global_step, **keep})
+
+
+def gradient_evaluations(step: int, batch: int, corrected: bool, start: int = 0, refresh: int = 10,
+                         factor: int = 10) -> int:
+    """Examples evaluated (forward and backward) in ``step`` optimizer steps: the mini-batches at
+    theta_in, from ``start`` on also at theta_out, and a mega-batch of ``factor`` mini-batches at
+    every refresh (the first at ``start``)."""
+    n = step * batch
+    if corrected and step > start:
+        done = step - start
+        n += done * batch + math.ceil(done / refresh) * factor * batch
+    return n
+
+
+def cached(cache: Path, key: dict, fn: Callable[[], dict]) -> dict:
+    """``fn()``'s result for ``key``, computed once: kept as ``cache/<hash>.json`` (written
+    atomically, so an interrupted campaign resumes where it stopped)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache / f"{digest}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = {**fn(), "key": key}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    return result
+
+
+def next_grid_point(v: float, up: bool) -> float:
+    """The next value of a 1-3-10 grid above or below ``v``."""
+    e = math.floor(math.log10(v) + 1e-9)
+    points = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 3)]
+    return float(f"{min(p for p in points if p > v * 1.01) if up else max(p for p in points if p < v / 1.01):.3g}")
+
+
+def tune_grid(grid: Iterable[float], losses_of: Callable[[list[float]], dict[float, float]],
+              grow: bool = True) -> tuple[float, dict[float, float], list[float]]:
+    """The rule every method is tuned by: evaluate the grid (``losses_of`` gets the values not yet
+    evaluated and returns their final losses); while the best value is at an end of the grid, add
+    the next 1-3-10 point past that end (``grow``). Returns (best, all losses, the final grid)."""
+    grid, losses = sorted(grid), {}
+    while True:
+        todo = [v for v in grid if v not in losses]
+        if todo:
+            losses.update(losses_of(todo))
+        best = min(grid, key=lambda v: (losses[v] if math.isfinite(losses[v]) else math.inf))
+        if grow and best == grid[-1]:
+            grid.append(next_grid_point(best, up=True))
+        elif grow and best == grid[0]:
+            grid.insert(0, next_grid_point(best, up=False))
+        else:
+            return best, losses, grid
+
+
+def interp(curve: list[dict], key: str, x: float, y: str = "eval_loss") -> float:
+    """The value of ``y`` at ``key`` = x on a run's curve (linear between evaluations)."""
+    return float(np.interp(x, [p[key] for p in curve], [p[y] for p in curve]))
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean and the half-width of its 95% t-interval."""
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "ci95": float("nan"), "n": n, "values": values}
+    from scipy.stats import t
+    half = float(t.ppf(0.975, n - 1)) * statistics.stdev(values) / math.sqrt(n)
+    return {"mean": mean, "ci95": half, "n": n, "values": values}
+
+
+def fmt_ci(ms: dict, digits: int = 3) -> str:
+    return (f"{ms['mean']:.{digits}f} ± {ms['ci95']:.{digits}f}" if ms["n"] > 1
+            else f"{ms['mean']:.{digits}f}")

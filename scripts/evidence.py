@@ -1,0 +1,327 @@
+"""When does posterior correction pay? AdamW, alpha-SVRG, IVON, IVON-PC and IVON-PCM compared as
+an experiment, per regime (``hf_ivonpc.tasks.evidence``: ``lm``, ``image``; ``digits`` for tests).
+
+    python scripts/evidence.py --regime lm --workers 2      # ~75 min on 2 cores; resumes if stopped
+    python scripts/evidence.py --regime image --workers 2   # ~30 min; needs Debian's dataset-fashion-mnist
+    python scripts/evidence.py --regime lm --report_only    # tables and plots from finished runs
+
+The rule every method is tuned by, on seed 1000 (never reported):
+1. learning rate: AdamW's and IVON's each the best final validation loss of a 1-3-10 grid that
+   grows past whichever end is best; alpha-SVRG inherits AdamW's, IVON-PC and IVON-PCM IVON's
+   (as in the paper).
+2. the correction: alpha in {0.1, 0.25, 0.5, 1.0} for each corrected method (with the mean-term
+   weight w = 0.01 for IVON-PC/PCM), then w in {0.01, 1.0} at the best alpha. IVON-PC has no
+   outer momentum (rho = 0), IVON-PCM the paper's GPT-2 values (rho1, rho2) = (0.6, 0.1): rho is
+   tuned by comparing the two.
+Then every method runs at its tuned settings on seeds 0, 1, 2 (``--seeds``), and is compared at
+equal optimizer steps, equal gradient evaluations (examples through forward and backward: a
+corrected step evaluates its mini-batch twice, a refresh a mega-batch of 10 mini-batches) and
+equal CPU time (each run single-threaded: its CPU time is its cost, whatever else runs beside it).
+Intervals are 95% t-intervals over seeds; differences to the baseline are paired by seed.
+A control run of IVON with beta2 = 0.99999 (h frozen at h0 over this horizon) shows what the
+horizon-aware default beta2 changes.
+
+Every finished run is kept in ``<out>/<regime>/runs/<hash>.json`` (small; committed), so an
+interrupted campaign resumes and a later session can report or extend it. Writes
+``<out>/<regime>.json`` (summary + every run's curve), ``<regime>.md`` and ``<regime>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import statistics
+import time
+from pathlib import Path
+
+from hf_ivonpc.tasks.campaign import TUNE_SEED, cached, fmt_ci, interp, mean_ci, tune_grid
+from hf_ivonpc.tasks.evidence import METHODS, PAPER_RHO, REGIMES, train_run
+
+ALPHAS = (0.1, 0.25, 0.5, 1.0)
+WEIGHTS = (0.01, 1.0)
+CONTROL = "ivon_beta2_0.99999"
+
+
+def _job(job: tuple) -> dict:
+    regime, cfg, cache = job
+    key = {"regime": regime, "spec": REGIMES[regime], "cfg": cfg}
+    return cached(Path(cache), key, lambda: train_run(regime, cfg))
+
+
+class Campaign:
+    def __init__(self, regime: str, out: Path, workers: int, quick: bool = False):
+        self.regime, self.out, self.quick = regime, out, quick
+        self.cache = out / regime / "runs"
+        self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+        self.started = time.time()
+
+    def runs(self, cfgs: list[dict]) -> list[dict]:
+        jobs = [(self.regime, c, str(self.cache)) for c in cfgs]
+        results = []
+        it = self.pool.imap(_job, jobs) if self.pool else map(_job, jobs)
+        for r in it:
+            results.append(r)
+            f = r["final"]
+            print(f"[{time.time() - self.started:7.0f} s] {self.regime} {r['cfg']} -> "
+                  f"eval_loss {f['eval_loss']:.4f} ({r['cpu_s']:.0f} s cpu)", flush=True)
+        return results
+
+    def close(self):
+        if self.pool:
+            self.pool.close()
+            self.pool.join()
+
+
+def _loss(r: dict) -> float:
+    v = r["final"]["eval_loss"]
+    return v if math.isfinite(v) else math.inf
+
+
+def tune(c: Campaign, alphas=ALPHAS, weights=WEIGHTS, grow=True) -> dict:
+    """Learning rates, then alpha and w of each corrected method, on TUNE_SEED."""
+    spec = REGIMES[c.regime]
+    tuned: dict = {"seed": TUNE_SEED, "lr": {}, "lr_losses": {}, "correction": {}}
+    for fam in ("adamw", "ivon"):
+        def losses_of(values, fam=fam):
+            return {v: _loss(r) for v, r in zip(values, c.runs(
+                [dict(method=fam, seed=TUNE_SEED, lr=v) for v in values]))}
+        best, losses, _ = tune_grid(spec["grids"][fam], losses_of, grow=grow)
+        tuned["lr"][fam], tuned["lr_losses"][fam] = best, {str(k): v for k, v in sorted(losses.items())}
+
+    def cfg(method, alpha, w):
+        base = dict(method=method, seed=TUNE_SEED, lr=tuned["lr"]["adamw" if method == "alpha_svrg" else "ivon"],
+                    alpha=alpha)
+        if method == "alpha_svrg":
+            return base
+        return dict(base, w=w, rho=list(PAPER_RHO) if method == "ivon_pcm" else [0.0, 0.0])
+
+    corrected = ("alpha_svrg", "ivon_pc", "ivon_pcm")
+    first = c.runs([cfg(m, a, weights[0]) for m in corrected for a in alphas])
+    for m in corrected:
+        rows = {(r["cfg"]["alpha"], r["cfg"].get("w")): _loss(r) for r in first if r["cfg"]["method"] == m}
+        tuned["correction"][m] = rows
+    second = [cfg(m, min(((a, w) for (a, w) in tuned["correction"][m]), key=tuned["correction"][m].get)[0], w)
+              for m in ("ivon_pc", "ivon_pcm") for w in weights[1:]]
+    for r in c.runs(second):
+        tuned["correction"][r["cfg"]["method"]][(r["cfg"]["alpha"], r["cfg"]["w"])] = _loss(r)
+    best = {}
+    for m, rows in tuned["correction"].items():
+        a, w = min(rows, key=rows.get)
+        best[m] = {"alpha": a, **({} if w is None else {"w": w})}
+    tuned["best"] = best
+    tuned["correction"] = {m: [{"alpha": a, "w": w, "final_eval_loss": v} for (a, w), v in rows.items()]
+                           for m, rows in tuned["correction"].items()}
+    return tuned
+
+
+def reported_cfgs(tuned: dict, seeds) -> list[dict]:
+    cfgs = []
+    for s in seeds:
+        for m in METHODS:
+            lr = tuned["lr"]["adamw" if m in ("adamw", "alpha_svrg") else "ivon"]
+            c = dict(method=m, seed=s, lr=lr, **tuned["best"].get(m, {}))
+            if m in ("ivon_pc", "ivon_pcm"):
+                c["rho"] = list(PAPER_RHO) if m == "ivon_pcm" else [0.0, 0.0]
+            cfgs.append(c)
+        cfgs.append(dict(method="ivon", seed=s, lr=tuned["lr"]["ivon"], extra={"ivon_beta2": 0.99999}))
+    return cfgs
+
+
+def _name(r: dict) -> str:
+    return CONTROL if r["cfg"].get("extra") else r["cfg"]["method"]
+
+
+def _corrected_logs(r: dict, key: str) -> list[float]:
+    return [e[key] for e in r["logs"] if key in e and e["step"] > r["start_step"] and math.isfinite(e[key])]
+
+
+def summarize(runs: list[dict], regime: str) -> dict:
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(_name(r), []).append(r)
+    main = [r for r in runs if _name(r) in METHODS]
+    t_eq = min(r["final"]["cpu_s"] for r in main)
+    e_eq = min(r["final"]["examples"] for r in main)
+    classifier = "eval_accuracy" in runs[0]["final"]
+    out = {"equal_cpu_s": t_eq, "equal_examples": e_eq, "methods": {}}
+    for name, g in groups.items():
+        s = {"final_eval_loss": mean_ci([r["final"]["eval_loss"] for r in g]),
+             "eval_loss_at_equal_examples": mean_ci([interp(r["curve"], "examples", e_eq) for r in g]),
+             "eval_loss_at_equal_time": mean_ci([interp(r["curve"], "cpu_s", t_eq) for r in g]),
+             "cpu_s": mean_ci([r["cpu_s"] for r in g]),
+             "examples": mean_ci([r["final"]["examples"] for r in g])}
+        if classifier:
+            s["final_eval_accuracy"] = mean_ci([r["final"]["eval_accuracy"] for r in g])
+            s["accuracy_at_equal_examples"] = mean_ci([interp(r["curve"], "examples", e_eq, "eval_accuracy") for r in g])
+            s["accuracy_at_equal_time"] = mean_ci([interp(r["curve"], "cpu_s", t_eq, "eval_accuracy") for r in g])
+        for key in ("pc/grad_var_ratio", "pc/hess_var_ratio", "pc/clipped_share", "pc/h_out_negative_share"):
+            vals = [statistics.fmean(v) for v in (_corrected_logs(r, key) for r in g) if v]
+            if vals:
+                s[key] = mean_ci(vals)
+        if all("h_moved" in r for r in g):
+            s["h_moved_median"] = mean_ci([r["h_moved"]["median"] for r in g])
+            s["h_moved_p99"] = mean_ci([r["h_moved"]["p99"] for r in g])
+            s["beta2"] = g[0]["h_moved"]["beta2"]
+        if all("predictive" in r for r in g):
+            for how in ("mean", "predictive"):
+                for k in ("accuracy", "nll", "ece"):
+                    s[f"{how}_{k}"] = mean_ci([r["predictive"][how][k] for r in g])
+        out["methods"][name] = s
+    # differences paired by seed: the corrected IVONs against IVON, alpha-SVRG against AdamW
+    out["paired"] = {}
+    for m, base in (("ivon_pc", "ivon"), ("ivon_pcm", "ivon"), ("alpha_svrg", "adamw"), (CONTROL, "ivon"),
+                    ("ivon", "adamw"), ("ivon_pcm", "adamw")):
+        if m not in groups or base not in groups:
+            continue
+        b = {r["cfg"]["seed"]: r for r in groups[base]}
+        pairs = [(r, b[r["cfg"]["seed"]]) for r in groups[m] if r["cfg"]["seed"] in b]
+        out["paired"][f"{m} - {base}"] = {
+            "at_equal_steps": mean_ci([x["final"]["eval_loss"] - y["final"]["eval_loss"] for x, y in pairs]),
+            "at_equal_examples": mean_ci([interp(x["curve"], "examples", e_eq) - interp(y["curve"], "examples", e_eq)
+                                          for x, y in pairs]),
+            "at_equal_time": mean_ci([interp(x["curve"], "cpu_s", t_eq) - interp(y["curve"], "cpu_s", t_eq)
+                                      for x, y in pairs])}
+    return out
+
+
+def markdown(report: dict) -> str:
+    regime, spec, s, tuned = report["regime"], report["spec"], report["summary"], report["tuning"]
+    lines = [f"# Evidence: regime `{regime}`", "",
+             f"{spec['steps']} steps of batch {spec['batch']}; correction (alpha-SVRG, IVON-PC, IVON-PCM) from "
+             f"{spec['start_ratio']:.0%} of the run, refresh every {spec['refresh']} steps from a mega-batch of "
+             f"{spec['factor']} mini-batches. Seeds {report['seeds']}; mean ± 95% interval.", "",
+             "## Tuning (seed 1000)", "",
+             f"Learning rates: AdamW {tuned['lr']['adamw']} (of {tuned['lr_losses']['adamw']}), "
+             f"IVON {tuned['lr']['ivon']} (of {tuned['lr_losses']['ivon']}).", "",
+             "| method | alpha | w | final validation loss |", "|---|---|---|---|"]
+    for m, rows in tuned["correction"].items():
+        for row in sorted(rows, key=lambda x: (x["w"] or 0, x["alpha"])):
+            lines.append(f"| {m} | {row['alpha']} | {row['w'] if row['w'] is not None else ''} | "
+                         f"{row['final_eval_loss']:.4f} |")
+    lines += ["", f"Chosen: {json.dumps(tuned['best'])}.", "", "## Methods", "",
+              f"Equal examples: {s['equal_examples']:,} gradient evaluations; equal time: "
+              f"{s['equal_cpu_s']:.0f} s of CPU time (the cheapest method's budget).", ""]
+    cols = ["final_eval_loss", "eval_loss_at_equal_examples", "eval_loss_at_equal_time", "cpu_s"]
+    if "final_eval_accuracy" in next(iter(s["methods"].values())):
+        cols += ["final_eval_accuracy", "accuracy_at_equal_examples", "accuracy_at_equal_time"]
+    lines += ["| method | " + " | ".join(c.replace("_", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, v in s["methods"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt_ci(v[c], 1 if c == "cpu_s" else 4) for c in cols) + " |")
+    lines += ["", "Paired differences (same seed; negative: the first method is better):", "",
+              "| difference | equal steps | equal examples | equal time |", "|---|---|---|---|"]
+    for name, v in s["paired"].items():
+        lines.append(f"| {name} | " + " | ".join(fmt_ci(v[k], 4) for k in ("at_equal_steps", "at_equal_examples",
+                                                                          "at_equal_time")) + " |")
+    lines += ["", "## Diagnostics (corrected phase, mean over logs and seeds)", "",
+              "| method | grad var ratio | hess var ratio | clipped share | h_out negative | h moved (median, p99) | beta2 |",
+              "|---|---|---|---|---|---|---|"]
+    for name, v in s["methods"].items():
+        cells = [fmt_ci(v[k], 3) if k in v else "" for k in ("pc/grad_var_ratio", "pc/hess_var_ratio",
+                                                             "pc/clipped_share", "pc/h_out_negative_share")]
+        moved = (f"{v['h_moved_median']['mean']:.3g}, {v['h_moved_p99']['mean']:.3g}" if "h_moved_median" in v else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {moved} | {v.get('beta2', '')} |")
+    pred = [(n, v) for n, v in s["methods"].items() if "mean_nll" in v]
+    if pred:
+        lines += ["", "## Posterior predictive (8 draws) against the mean, test set", "",
+                  "| method | accuracy mean / predictive | NLL mean / predictive | ECE mean / predictive |",
+                  "|---|---|---|---|"]
+        for n, v in pred:
+            lines.append(f"| {n} | " + " | ".join(f"{fmt_ci(v['mean_' + k], 4)} / {fmt_ci(v['predictive_' + k], 4)}"
+                                                for k in ("accuracy", "nll", "ece")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    runs = [r for r in report["runs"] if _name(r) in METHODS]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for ax, key, xl in zip(axes, ("step", "examples", "cpu_s"),
+                           ("optimizer steps", "gradient evaluations", "CPU time (s)")):
+        for m in METHODS:
+            g = [r for r in runs if r["cfg"]["method"] == m]
+            if not g:
+                continue
+            xs = np.mean([[p[key] for p in r["curve"]] for r in g], axis=0)
+            ys = np.mean([[p["eval_loss"] for p in r["curve"]] for r in g], axis=0)
+            ax.plot(xs, ys, marker="o", ms=3, label=m)
+        ax.set_xlabel(xl)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        tail = [p["eval_loss"] for r in runs for p in r["curve"][2:]]
+        if tail:
+            ax.set_ylim(min(tail) - 0.02, max(tail) + 0.02)
+    axes[0].legend()
+    ax = axes[3]
+    for m in ("alpha_svrg", "ivon_pc", "ivon_pcm"):
+        for key, style in (("pc/grad_var_ratio", "-"), ("pc/hess_var_ratio", "--")):
+            pts = [(e["step"], e[key]) for r in runs if r["cfg"]["method"] == m for e in r["logs"] if key in e]
+            if pts:
+                steps = sorted({p for p, _ in pts})
+                ax.plot(steps, [np.mean([v for p, v in pts if p == s]) for s in steps], style,
+                        label=f"{m} {key.split('/')[1].split('_')[0]}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("optimizer steps")
+    ax.set_ylabel("variance ratio (corrected / plain)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"regime {report['regime']}: mean over seeds {report['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--regime", choices=sorted(REGIMES), default="lm")
+    ap.add_argument("--out", default="docs/results/evidence")
+    ap.add_argument("--workers", type=int, default=1, help="runs in parallel, one thread each")
+    ap.add_argument("--seeds", type=int, default=3, help="reported seeds (0 .. seeds - 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a reduced grid (alpha 0.25 and 1, w 0.01, no growth): checks the code path")
+    ap.add_argument("--report_only", action="store_true", help="only report from finished runs")
+    a = ap.parse_args(argv)
+    if a.seeds < 1:
+        ap.error(f"--seeds={a.seeds} is invalid: accepted is an integer >= 1")
+    if a.workers < 1:
+        ap.error(f"--workers={a.workers} is invalid: accepted is an integer >= 1")
+    if a.regime == "image":
+        from hf_ivonpc.tasks.evidence import FASHION_HOW, FASHION_MNIST
+        if not FASHION_MNIST.is_dir():
+            ap.error(f"--regime image needs {FASHION_MNIST}: {FASHION_HOW}")
+    out = Path(a.out)
+    c = Campaign(a.regime, out, 1 if a.report_only else a.workers, a.quick)
+    if a.report_only:   # nothing new is trained: a missing run is an error, not a training
+        global _job
+        trained = _job
+
+        def _job(job):   # noqa: F811
+            key = {"regime": job[0], "spec": REGIMES[job[0]], "cfg": job[1]}
+            return cached(Path(job[2]), key, lambda: (_ for _ in ()).throw(
+                SystemExit(f"run {job[1]} has not finished: run without --report_only")))
+    try:
+        kw = dict(alphas=(0.25, 1.0), weights=(0.01,), grow=False) if a.quick else {}
+        tuned = tune(c, **kw)
+        runs = c.runs(reported_cfgs(tuned, range(a.seeds)))
+    finally:
+        c.close()
+        if a.report_only:
+            _job = trained
+    report = {"regime": a.regime, "spec": REGIMES[a.regime], "seeds": list(range(a.seeds)), "tuning": tuned,
+              "summary": summarize(runs, a.regime), "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{a.regime}.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / f"{a.regime}.md").write_text(markdown(report))
+    plot(report, out / f"{a.regime}.png")
+    print((out / f"{a.regime}.md").read_text())
+    return report
+
+
+if __name__ == "__main__":
+    main()
