@@ -79,7 +79,7 @@ def _hyperparameters(trainer) -> str:
                 value = opt.param_groups[0][h.kwarg]   # resolved for the run
             if h.field == "pc_start_step" and opt is not None:
                 value = opt.start_step
-            rows.append((h.field, value, h.help.split(". ")[0].rstrip(".")))
+            rows.append((h.field, value, h.summary))
     if method == "alpha_svrg" and opt is not None:
         rows += [("base optimizer", {"sgd": "SGD"}.get(opt.base, "AdamW"), "the point-estimate "
                   "optimizer under the correction, chosen from optim")]

@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pretrain import PretrainArguments, build_trainer  # noqa: E402
 
 from hf_ivonpc import PCTrainingArguments  # noqa: E402
+from hf_ivonpc.tasks.campaign import interp, next_grid_point  # noqa: E402
 
 GRIDS = {"adamw": [3e-4, 1e-3, 3e-3, 1e-2], "ivon": [0.1, 0.3, 1.0, 3.0]}
 TUNE_SEED = 1000
@@ -120,11 +121,6 @@ def _train(cfg: dict, base: dict, out: Path) -> dict:
             "n_params": info["n_params"]}
 
 
-def interp(curve: list[dict], key: str, x: float) -> float:
-    xs = [p[key] for p in curve]
-    return float(np.interp(x, xs, [p["eval_loss"] for p in curve]))
-
-
 def mean_spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
@@ -193,13 +189,6 @@ def main(argv=None) -> dict:
     return report
 
 
-def _next_grid_point(v: float, up: bool) -> float:
-    """The next value of a 1-3-10 grid above or below ``v``."""
-    e = math.floor(math.log10(v) + 1e-9)
-    points = [m * 10.0 ** k for k in (e - 1, e, e + 1) for m in (1, 3)]
-    return float(f"{min(p for p in points if p > v * 1.01) if up else max(p for p in points if p < v / 1.01):.3g}")
-
-
 def warm_up(base: dict, out: Path) -> None:
     """Run every method for a few steps so that no timed run pays for compiling the optimizer's kernels."""
     short = dict(base, steps=4, eval_every=2)
@@ -223,9 +212,9 @@ def tuned_learning_rates(a, base: dict, out: Path) -> dict:
                                              out / "_runs" / "tune")["final_eval_loss"]
                 best = min(grid, key=lambda v: losses[str(v)])
                 if best == grid[-1]:
-                    grid.append(_next_grid_point(grid[-1], up=True))
+                    grid.append(next_grid_point(grid[-1], up=True))
                 elif best == grid[0]:
-                    grid.insert(0, _next_grid_point(grid[0], up=False))
+                    grid.insert(0, next_grid_point(grid[0], up=False))
                 else:
                     break
             tuning["grids"][m] = grid

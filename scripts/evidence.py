@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from hf_ivonpc.tasks.campaign import TUNE_SEED, cached, fmt_ci, interp, mean_ci, tune_grid
+from hf_ivonpc.tasks.campaign import TUNE_SEED, cached, fmt_ci, interp, mean_ci, tune_grids
 from hf_ivonpc.tasks.evidence import METHODS, PAPER_RHO, REGIMES, train_run
 
 ALPHAS = (0.1, 0.25, 0.5, 1.0)
@@ -83,11 +83,11 @@ def tune(c: Campaign, alphas=ALPHAS, weights=WEIGHTS, grow=True) -> dict:
     """Learning rates, then alpha and w of each corrected method, on TUNE_SEED."""
     spec = REGIMES[c.regime]
     tuned: dict = {"seed": TUNE_SEED, "lr": {}, "lr_losses": {}, "correction": {}}
-    for fam in ("adamw", "ivon"):
-        def losses_of(values, fam=fam):
-            return {v: _loss(r) for v, r in zip(values, c.runs(
-                [dict(method=fam, seed=TUNE_SEED, lr=v) for v in values]))}
-        best, losses, _ = tune_grid(spec["grids"][fam], losses_of, grow=grow)
+    def losses_of(pairs):   # both families' runs go in parallel
+        runs = c.runs([dict(method=fam, seed=TUNE_SEED, lr=v) for fam, v in pairs])
+        return {pair: _loss(r) for pair, r in zip(pairs, runs)}
+    for fam, (best, losses, _) in tune_grids({f: spec["grids"][f] for f in ("adamw", "ivon")},
+                                             losses_of, grow=grow).items():
         tuned["lr"][fam], tuned["lr_losses"][fam] = best, {str(k): v for k, v in sorted(losses.items())}
 
     def cfg(method, alpha, w):

@@ -18,8 +18,8 @@ def test_gradient_evaluations_count_both_passes_and_the_mega_batches():
 
 
 def test_tuning_grid_steps():
-    assert [ablate._next_grid_point(v, up=True) for v in (3.0, 1.0, 3e-3)] == [10.0, 3.0, 1e-2]
-    assert [ablate._next_grid_point(v, up=False) for v in (0.1, 3e-4)] == [0.03, 1e-4]
+    assert [ablate.next_grid_point(v, up=True) for v in (3.0, 1.0, 3e-3)] == [10.0, 3.0, 1e-2]
+    assert [ablate.next_grid_point(v, up=False) for v in (0.1, 3e-4)] == [0.03, 1e-4]
 
 
 def test_refuses_to_run_without_tuned_learning_rates(tmp_path):

@@ -89,3 +89,9 @@ def test_ablation_figures_are_the_scripts():
     text = README.read_text()
     for row in rows:   # the README shows the same rows
         assert row in text, row
+
+
+def test_hyperparameter_table_is_the_single_source():
+    """The README's table of hyperparameters is ``hparams.markdown_table()`` verbatim."""
+    from hf_ivonpc.optim.hparams import markdown_table
+    assert markdown_table() in README.read_text()

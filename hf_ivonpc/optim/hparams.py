@@ -12,6 +12,7 @@ differ from the project's: those differences are the ``ivon_opt`` column, and no
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -74,6 +75,11 @@ class HParam:
 
     def check(self, value: Any, name: str | None = None) -> None:
         self.range.check(name or self.field or self.kwarg, value)
+
+    @property
+    def summary(self) -> str:
+        """The help's first sentence (for tables and model cards)."""
+        return re.split(r"(?<!Alg)\. ", self.help)[0].rstrip(".")
 
 
 _IVON = ("ivon", "ivon_pcm")
@@ -180,3 +186,25 @@ def optimizer_kwargs(args: Any, method: str) -> dict[str, Any]:
             if value is not None:
                 out[h.kwarg] = value
     return out
+
+
+def markdown_table() -> str:
+    """The README's table of every hyperparameter: one row per entry of ``HPARAMS``."""
+    def show(v):
+        if v is None:
+            return "resolved per run"
+        if isinstance(v, float) and math.isinf(v):
+            return "inf"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    rows = ["| field (`PCTrainingArguments`) | keyword (`IVONPC`, `IVON`) | default | `IVON(...)` (ivon-opt) | accepted | what it is |",
+            "|---|---|---|---|---|---|"]
+    for h in HPARAMS:
+        default = None if h.field in RESOLVED_FIELDS else h.default
+        if h.kwarg == "beta2":
+            default = f"1 - 1/T (T steps), <= {h.default:g}"
+        ivon = show(h.ivon_opt) if h.ivon_opt is not None else ("same" if h.kwarg and h.kwarg != "ess" else "")
+        rows.append(f"| {'`' + h.field + '`' if h.field else ''} | {'`' + h.kwarg + '`' if h.kwarg else ''} | "
+                    f"{default if isinstance(default, str) else show(default)} | {ivon} | {h.range.text} | "
+                    f"{h.summary} |")
+    return "\n".join(rows)

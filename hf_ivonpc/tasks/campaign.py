@@ -81,23 +81,39 @@ def next_grid_point(v: float, up: bool) -> float:
     return float(f"{min(p for p in points if p > v * 1.01) if up else max(p for p in points if p < v / 1.01):.3g}")
 
 
+def tune_grids(grids: dict[str, Iterable[float]],
+               losses_of: Callable[[list[tuple[str, float]]], dict[tuple[str, float], float]],
+               grow: bool = True) -> dict[str, tuple[float, dict[float, float], list[float]]]:
+    """The rule every method is tuned by, for several methods at once (their runs can go in
+    parallel): evaluate each grid (``losses_of`` gets the (method, value) pairs not yet evaluated
+    and returns their final losses); while a method's best value is at an end of its grid, add the
+    next 1-3-10 point past that end (``grow``). A diverged run (NaN or inf) is never the best.
+    Returns, per method, (best value, every loss, the final grid)."""
+    state = {k: (sorted(g), {}) for k, g in grids.items()}
+    done: dict[str, float] = {}
+    while len(done) < len(state):
+        todo = [(k, v) for k, (g, losses) in state.items() if k not in done for v in g if v not in losses]
+        if todo:
+            for (k, v), loss in losses_of(todo).items():
+                state[k][1][v] = loss
+        for k, (g, losses) in state.items():
+            if k in done:
+                continue
+            best = min(g, key=lambda v: losses[v] if math.isfinite(losses[v]) else math.inf)
+            if grow and best == g[-1]:
+                g.append(next_grid_point(best, up=True))
+            elif grow and best == g[0]:
+                g.insert(0, next_grid_point(best, up=False))
+            else:
+                done[k] = best
+    return {k: (done[k], state[k][1], state[k][0]) for k in state}
+
+
 def tune_grid(grid: Iterable[float], losses_of: Callable[[list[float]], dict[float, float]],
               grow: bool = True) -> tuple[float, dict[float, float], list[float]]:
-    """The rule every method is tuned by: evaluate the grid (``losses_of`` gets the values not yet
-    evaluated and returns their final losses); while the best value is at an end of the grid, add
-    the next 1-3-10 point past that end (``grow``). Returns (best, all losses, the final grid)."""
-    grid, losses = sorted(grid), {}
-    while True:
-        todo = [v for v in grid if v not in losses]
-        if todo:
-            losses.update(losses_of(todo))
-        best = min(grid, key=lambda v: (losses[v] if math.isfinite(losses[v]) else math.inf))
-        if grow and best == grid[-1]:
-            grid.append(next_grid_point(best, up=True))
-        elif grow and best == grid[0]:
-            grid.insert(0, next_grid_point(best, up=False))
-        else:
-            return best, losses, grid
+    """``tune_grids`` for one method."""
+    return tune_grids({"": grid}, lambda pairs: {("", v): loss for v, loss in
+                                                  losses_of([v for _, v in pairs]).items()}, grow)[""]
 
 
 def interp(curve: list[dict], key: str, x: float, y: str = "eval_loss") -> float:
