@@ -95,6 +95,17 @@ class PCTrainingArguments(TrainingArguments):
                        "pc_start_ratio scales with the run length)")
         super().__post_init__()
         self._check_optim()
+        self._check_report_to()
+
+    def _check_report_to(self) -> None:
+        """An integration named in report_to must be installed: say so now, not at Trainer's start."""
+        from transformers.integrations import get_available_reporting_integrations
+        available = get_available_reporting_integrations()
+        for name in self.report_to or []:
+            if name not in available:
+                extra = ' (or pip install "hf_ivonpc[tensorboard]")' if name == "tensorboard" else ""
+                raise _bad("report_to", name, f"an installed integration {sorted(available)} or 'none': "
+                           f"install it with pip install {name}{extra}")
 
     def _check_optim(self) -> None:
         """IVON methods ignore Trainer's optim and adam_* settings; alpha-SVRG runs over AdamW or SGD."""

@@ -123,3 +123,11 @@ def test_ivon_warns_about_ignored_adam_settings(tmp_path):
 def test_bad_values_are_refused_when_the_arguments_are_built(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"{field}=.* is invalid: accepted range is"):
         PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon_pcm", **{field: value})
+
+
+def test_a_reporting_integration_that_is_not_installed_is_named_at_once(tmp_path):
+    from transformers.integrations import get_available_reporting_integrations
+    missing = next(n for n in ("tensorboard", "wandb", "mlflow", "comet_ml")
+                   if n not in get_available_reporting_integrations())
+    with pytest.raises(ValueError, match=f"report_to='{missing}' is invalid: .*pip install {missing}"):
+        PCTrainingArguments(output_dir=str(tmp_path), report_to=missing)
