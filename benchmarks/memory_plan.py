@@ -27,7 +27,7 @@ def state_bytes_per_param() -> dict[str, float]:
     out = {"adamw": 8.0}   # torch AdamW: exp_avg, exp_avg_sq
     for name, opt in (("ivon", IVON([p], lr=0.1, ess=1e6)), ("ivon_pcm", IVONPC([p], lr=0.1, ess=1e6)),
                       ("alpha_svrg", AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw"))):
-        out[name] = sum(b.numel() * b.element_size() for f in opt._flat for b in f.values()) / p.numel()
+        out[name] = opt.state_nbytes() / p.numel()
     return out
 
 

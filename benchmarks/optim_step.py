@@ -128,7 +128,7 @@ def set_grads(params, grads) -> None:
 
 
 def ours_state_bytes(opt) -> int:
-    return sum(t.nbytes for flat in opt._flat for t in flat.values())
+    return opt.state_nbytes()
 
 
 def _accepts(cls, name: str) -> bool:

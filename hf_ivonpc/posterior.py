@@ -356,29 +356,48 @@ class Posterior:
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> list[dict]:
-        """sigma statistics per layer type (see ``LAYER_TYPES``): tensors, elements, mean, min, max."""
+        """Per layer type (see ``LAYER_TYPES``): tensors, elements, sigma's mean, min and max, and
+        how far h moved from its initial value h0 (median and 99th percentile of |h - h0| / h0,
+        from at most 65,536 evenly spaced elements per tensor). A posterior whose h has not moved
+        is its initialisation: sigma then says nothing about the data."""
+        h0 = {n: g.get("hess_init") for g in self.groups for n in g["params"]}
         acc: dict[str, dict] = {}
         for n in self.names:
             s = self.std[n].double()
             row = acc.setdefault(layer_type(n), {"tensors": 0, "elements": 0, "sum": 0.0,
-                                                 "min": math.inf, "max": -math.inf})
+                                                 "min": math.inf, "max": -math.inf, "moved": []})
             row["tensors"] += 1
             row["elements"] += s.numel()
             row["sum"] += s.sum().item()
             row["min"] = min(row["min"], s.min().item())
             row["max"] = max(row["max"], s.max().item())
+            if h0.get(n):
+                h = self.hess[n].reshape(-1)
+                h = h[:: max(1, h.numel() // 65536)]
+                row["moved"].append((h.double() - h0[n]).abs() / h0[n])
         order = [k for k, _ in LAYER_TYPES] + ["other"]
-        return [{"layer_type": k, "tensors": acc[k]["tensors"], "elements": acc[k]["elements"],
-                 "std_mean": acc[k]["sum"] / acc[k]["elements"], "std_min": acc[k]["min"],
-                 "std_max": acc[k]["max"]} for k in order if k in acc]
+        out = []
+        for k in order:
+            if k not in acc:
+                continue
+            a = acc[k]
+            r = {"layer_type": k, "tensors": a["tensors"], "elements": a["elements"],
+                 "std_mean": a["sum"] / a["elements"], "std_min": a["min"], "std_max": a["max"]}
+            if a["moved"]:
+                q = torch.quantile(torch.cat(a["moved"]), torch.tensor([0.5, 0.99], dtype=torch.float64))
+                r["h_moved_median"], r["h_moved_p99"] = q.tolist()
+            out.append(r)
+        return out
 
     def format_summary(self) -> str:
         """``summary()`` as a Markdown table."""
-        lines = ["| layer type | tensors | elements | sigma mean | sigma min | sigma max |",
-                 "|---|---:|---:|---:|---:|---:|"]
+        lines = ["| layer type | tensors | elements | sigma mean | sigma min | sigma max | "
+                 "\\|h - h0\\| / h0 median, p99 |",
+                 "|---|---:|---:|---:|---:|---:|---:|"]
         for r in self.summary():
+            moved = (f"{r['h_moved_median']:.3g}, {r['h_moved_p99']:.3g}" if "h_moved_median" in r else "")
             lines.append(f"| {r['layer_type']} | {r['tensors']} | {r['elements']:,} | "
-                         f"{r['std_mean']:.3e} | {r['std_min']:.3e} | {r['std_max']:.3e} |")
+                         f"{r['std_mean']:.3e} | {r['std_min']:.3e} | {r['std_max']:.3e} | {moved} |")
         return "\n".join(lines)
 
     def describe(self) -> str:

@@ -449,3 +449,18 @@ def test_after_load_best_model_at_end_the_saved_posterior_is_the_best_checkpoint
     trainer.save_model()
     assert (tmp_path / POSTERIOR_NAME).read_bytes() == (Path(best) / POSTERIOR_NAME).read_bytes()
     assert Posterior.from_pretrained(tmp_path, model=trainer.model).step == 2
+
+
+def test_summary_says_how_far_h_moved_from_h0():
+    """A posterior whose h is still h0 is its initialisation; the summary shows it."""
+    from hf_ivonpc.optim import IVON
+    model = tiny_gpt2()
+    opt = IVON(model.parameters(), lr=0.1, ess=100.0, hess_init=0.5, weight_decay=1e-3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attn" in name:   # attention's h moved to 3 h0 (|h - h0| / h0 = 2), the rest did not
+                opt.state[p]["hess"].fill_(1.5)
+    rows = {r["layer_type"]: r for r in Posterior.from_optimizer(opt, model).summary()}
+    assert rows["attention"]["h_moved_median"] == pytest.approx(2.0)
+    assert rows["mlp"]["h_moved_median"] == 0.0 and rows["mlp"]["h_moved_p99"] == 0.0
+    assert "| attention |" in Posterior.from_optimizer(opt, model).format_summary()

@@ -250,6 +250,10 @@ class FlatStateOptimizer(CorrectionSchedule, torch.optim.Optimizer):
         own memory, not copies; each rank's shards when the parameters are sharded)."""
         return [{name: flat[name] for name in self.persistent_buffers} for flat in self._flat]
 
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state on this rank: the persistent buffers and the per-step scratch."""
+        return sum(t.nbytes for flat in self._flat for t in flat.values())
+
     @property
     def refreshes(self) -> int:
         """Refreshes of the outer statistics so far."""
