@@ -4,6 +4,7 @@ an experiment, per regime (``hf_ivonpc.tasks.evidence``: ``lm``, ``image``; ``di
     python scripts/evidence.py --regime lm --workers 2      # ~75 min on 2 cores; resumes if stopped
     python scripts/evidence.py --regime image --workers 2   # ~30 min; needs Debian's dataset-fashion-mnist
     python scripts/evidence.py --regime lm --report_only    # tables and plots from finished runs
+    python scripts/evidence.py --regime lm --sweeps         # also Fig. 6: refresh interval, start
 
 The rule every method is tuned by, on seed 1000 (never reported):
 1. learning rate: AdamW's and IVON's each the best final validation loss of a 1-3-10 grid that
@@ -129,8 +130,43 @@ def reported_cfgs(tuned: dict, seeds) -> list[dict]:
     return cfgs
 
 
+#: the paper's Fig. 6 sweeps around IVON-PCM's tuned settings (``--sweeps``)
+SWEEPS = {"refresh": (5, 20, 40), "start_ratio": (0.25, 0.75)}
+
+
+def sweep_cfgs(tuned: dict, seeds) -> list[dict]:
+    base = [c for c in reported_cfgs(tuned, seeds) if c["method"] == "ivon_pcm"]
+    return [dict(c, **{k: v}) for k, values in SWEEPS.items() for v in values for c in base]
+
+
+def summarize_sweeps(runs: list[dict], sweeps: list[dict], spec: dict) -> dict:
+    """Final loss per swept value (the reported IVON-PCM runs are the base value), and for the
+    start: the "jump", how much the loss falls over the evaluation interval after the correction
+    starts, next to IVON's fall over the same steps (same seeds)."""
+    base = [r for r in runs if _name(r) == "ivon_pcm"]
+    ivon = {r["cfg"]["seed"]: r for r in runs if _name(r) == "ivon"}
+    out = {}
+    for key, values in SWEEPS.items():
+        rows = {}
+        for v in sorted(set(values) | {spec[key]}):
+            g = base if v == spec[key] else [r for r in sweeps if r["cfg"].get(key) == v]
+            row = {"final_eval_loss": mean_ci([r["final"]["eval_loss"] for r in g])}
+            if key == "start_ratio":
+                def drop(r, st):
+                    return interp(r["curve"], "step", st) - interp(r["curve"], "step", st + spec["eval_every"])
+                st = math.ceil(v * spec["steps"])
+                row["drop_after_start"] = mean_ci([drop(r, st) for r in g])
+                row["ivon_drop_there"] = mean_ci([drop(ivon[r["cfg"]["seed"]], st) for r in g])
+            rows[str(v)] = row
+        out[key] = rows
+    return out
+
+
 def _name(r: dict) -> str:
-    return CONTROL if r["cfg"].get("extra") else r["cfg"]["method"]
+    if r["cfg"].get("extra"):
+        return CONTROL
+    swept = [k for k in SWEEPS if k in r["cfg"]]
+    return f"{r['cfg']['method']} {swept[0]}={r['cfg'][swept[0]]}" if swept else r["cfg"]["method"]
 
 
 def _corrected_logs(r: dict, key: str) -> list[float]:
@@ -140,7 +176,8 @@ def _corrected_logs(r: dict, key: str) -> list[float]:
 def summarize(runs: list[dict], regime: str) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        groups.setdefault(_name(r), []).append(r)
+        if _name(r) in METHODS or _name(r) == CONTROL:
+            groups.setdefault(_name(r), []).append(r)
     main = [r for r in runs if _name(r) in METHODS]
     t_eq = min(r["final"]["cpu_s"] for r in main)
     e_eq = min(r["final"]["examples"] for r in main)
@@ -222,6 +259,14 @@ def markdown(report: dict) -> str:
                                                              "pc/clipped_share", "pc/h_out_negative_share")]
         moved = (f"{v['h_moved_median']['mean']:.3g}, {v['h_moved_p99']['mean']:.3g}" if "h_moved_median" in v else "")
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {moved} | {v.get('beta2', '')} |")
+    if "sweeps" in report:
+        lines += ["", "## IVON-PCM sweeps (Fig. 6), reported seeds", "",
+                  "| swept | value | final validation loss | loss fall after the start | IVON's fall there |",
+                  "|---|---|---|---|---|"]
+        for key, rows in report["sweeps"].items():
+            for v, row in rows.items():
+                extra = [fmt_ci(row[k], 4) if k in row else "" for k in ("drop_after_start", "ivon_drop_there")]
+                lines.append(f"| {key} | {v} | {fmt_ci(row['final_eval_loss'], 4)} | " + " | ".join(extra) + " |")
     pred = [(n, v) for n, v in s["methods"].items() if "mean_nll" in v]
     if pred:
         lines += ["", "## Posterior predictive (8 draws) against the mean, test set", "",
@@ -286,6 +331,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="a reduced grid (alpha 0.25 and 1, w 0.01, no growth): checks the code path")
     ap.add_argument("--report_only", action="store_true", help="only report from finished runs")
+    ap.add_argument("--sweeps", action="store_true",
+                    help="also IVON-PCM's refresh interval (5, 20, 40) and correction start (25%%, 75%%) "
+                         "at its tuned settings, on the reported seeds (Fig. 6)")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error(f"--seeds={a.seeds} is invalid: accepted is an integer >= 1")
@@ -309,12 +357,15 @@ def main(argv=None) -> dict:
         kw = dict(alphas=(0.25, 1.0), weights=(0.01,), grow=False) if a.quick else {}
         tuned = tune(c, **kw)
         runs = c.runs(reported_cfgs(tuned, range(a.seeds)))
+        sweeps = c.runs(sweep_cfgs(tuned, range(a.seeds))) if a.sweeps else []
     finally:
         c.close()
         if a.report_only:
             _job = trained
     report = {"regime": a.regime, "spec": REGIMES[a.regime], "seeds": list(range(a.seeds)), "tuning": tuned,
-              "summary": summarize(runs, a.regime), "runs": runs}
+              "summary": summarize(runs, a.regime), "runs": runs + sweeps}
+    if sweeps:
+        report["sweeps"] = summarize_sweeps(runs, sweeps, REGIMES[a.regime])
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.regime}.json").write_text(json.dumps(report, indent=1, default=str))
     (out / f"{a.regime}.md").write_text(markdown(report))

@@ -57,7 +57,7 @@ def test_cached_runs_once_and_writes_atomically(tmp_path):
 
 def test_quick_campaign_reports_every_method_and_diagnostic(tmp_path):
     evidence = load_script("evidence")
-    report = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path)])
+    report = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--sweeps"])
     assert {p.name for p in tmp_path.iterdir()} >= {"digits.json", "digits.md", "digits.png", "digits"}
     s = report["summary"]
     assert set(s["methods"]) == {"adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm", evidence.CONTROL}
@@ -77,10 +77,16 @@ def test_quick_campaign_reports_every_method_and_diagnostic(tmp_path):
         assert r["cfg"]["seed"] != C.TUNE_SEED
         if r["cfg"]["method"] == "ivon_pcm":
             assert r["cfg"]["alpha"] == tuned["best"]["ivon_pcm"]["alpha"]
+    # Fig. 6's sweeps around IVON-PCM's tuned settings, the reported runs as the base values
+    sw = report["sweeps"]
+    assert list(sw["refresh"]) == ["5", "10", "20", "40"] and list(sw["start_ratio"]) == ["0.2", "0.25", "0.75"]
+    assert sw["refresh"]["10"]["final_eval_loss"] == s["methods"]["ivon_pcm"]["final_eval_loss"]
+    assert sw["start_ratio"]["0.75"]["ivon_drop_there"]["n"] == 2
     saved = json.loads((tmp_path / "digits.json").read_text())
     assert saved["summary"]["equal_examples"] == s["equal_examples"]
     # a second call trains nothing: every run comes from the cache, and --report_only agrees
-    again = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--report_only"])
+    again = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--report_only",
+                           "--sweeps"])
     assert again["summary"]["methods"]["ivon_pcm"] == json.loads(json.dumps(s["methods"]["ivon_pcm"]))
 
 

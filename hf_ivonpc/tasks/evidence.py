@@ -177,8 +177,10 @@ def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
         kw["lr_scheduler_kwargs"] = {"min_lr_rate": 0.25}
     kw.update(r["adamw"] if pc in ("none", "alpha_svrg") else r["ivon"])
     corrected = pc in ("alpha_svrg", "ivon_pcm")
+    # the sweeps vary the refresh interval and the start of the correction per run
+    refresh, start_ratio = cfg.get("refresh", r["refresh"]), cfg.get("start_ratio", r["start_ratio"])
     if corrected:
-        kw.update(pc_start_ratio=r["start_ratio"], pc_refresh_steps=r["refresh"],
+        kw.update(pc_start_ratio=start_ratio, pc_refresh_steps=refresh,
                   pc_megabatch_factor=r["factor"], pc_alpha=cfg["alpha"], pc_rho1=cfg.get("rho", (0, 0))[0])
     if pc == "ivon_pcm":
         kw.update(pc_rho2=cfg.get("rho", (0, 0))[1], pc_mean_term_weight=cfg["w"])
@@ -190,9 +192,9 @@ def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
                             compute_metrics=classification_metrics if classifier else None,
                             callbacks=[clock])
         trainer.train()
-        start = math.ceil(r["start_ratio"] * r["steps"]) if corrected else 0
+        start = math.ceil(start_ratio * r["steps"]) if corrected else 0
         curve = [dict(p, examples=gradient_evaluations(p["step"], r["batch"], corrected, start,
-                                                       r["refresh"], r["factor"])) for p in clock.points]
+                                                       refresh, r["factor"])) for p in clock.points]
         result = {"cfg": cfg, "regime": regime, "curve": curve, "logs": clock.logs,
                   "final": curve[-1], "cpu_s": clock.cpu_s, "start_step": start,
                   "n_params": sum(p.numel() for p in model.parameters())}
