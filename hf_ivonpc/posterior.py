@@ -285,7 +285,9 @@ class Posterior:
         """Replace the model's weights by one draw theta = m + sigma * eps for the block.
 
         The weights are restored exactly on exit, also on an exception. The draw is determined by
-        ``seed`` (or ``generator``, on the CPU or the model's device; neither: a random draw)."""
+        ``seed`` (or ``generator``; neither: a random draw) and is made on the parameters' device
+        (a seed's draw on a GPU differs from its draw on the CPU); sigma is copied there once and
+        kept for the next draws."""
         params = self.check(model)
         if generator is not None and seed is not None:
             raise ValueError("give seed or generator, not both")
@@ -294,21 +296,30 @@ class Posterior:
                 raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device=_device_of(params)).manual_seed(seed)
+        std = self._std_on(generator.device)
         saved = [(p, p.detach().clone()) for p in params.values()]
         try:
             with torch.no_grad():
                 for n, p in params.items():
-                    s = self.std[n]
-                    noise = torch.randn(s.shape, generator=generator, dtype=s.dtype,
-                                        device=generator.device)
-                    noise.mul_(s.to(noise.device)).add_(p.detach().to(noise.device, s.dtype))
+                    s = std[n]
+                    noise = torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
+                    noise.mul_(s).add_(p.detach().to(s.device, s.dtype))
                     p.copy_(noise)
             yield model
         finally:
             with torch.no_grad():
                 for p, value in saved:
                     p.copy_(value)
+
+    def _std_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """sigma on ``device`` (copied once per device, then kept)."""
+        device = torch.device(device)
+        cached = getattr(self, "_std_cache", None)
+        if cached is None or cached[0] != device:
+            cached = (device, {n: t.to(device) for n, t in self.std.items()})
+            self._std_cache = cached
+        return cached[1]
 
     @torch.no_grad()
     def predictive(self, model: torch.nn.Module, inputs, n_samples: int, seed: int = 0) -> torch.Tensor:
@@ -323,7 +334,7 @@ class Posterior:
             raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
         self.check(model)
         feed = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, Mapping) else inputs
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=_device_of(self.check(model))).manual_seed(seed)
         was_training = model.training
         model.eval()
         total = None
@@ -524,6 +535,11 @@ def _json_entry(meta: dict[str, str], key: str, file: str) -> Any:
         return json.loads(meta[key])
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: the header entry '{key}' is not valid JSON ({e})") from e
+
+
+def _device_of(params: dict[str, torch.Tensor]) -> torch.device:
+    """The device of the parameters a draw is made for (the first one's)."""
+    return next(iter(params.values())).device
 
 
 def _logits(out) -> torch.Tensor:
