@@ -9,6 +9,7 @@ size eta of Alg. 4 for the IVON methods (0.3 in the paper's GPT-2 runs).
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,6 +24,16 @@ __all__ = ["PCTrainingArguments", "PC_METHODS", "DEFAULT_IVON_LR", "DEFAULT_SIGM
 
 def _bad(name: str, value, accepted: str) -> ValueError:
     return ValueError(f"{name}={value!r} is invalid: accepted range is {accepted}")
+
+
+def _cpu_only_launch() -> bool:
+    """Several processes launched (WORLD_SIZE > 1) on a machine without an accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or torch.backends.mps.is_available())
 
 
 def _hp(name: str):
@@ -88,6 +99,12 @@ class PCTrainingArguments(TrainingArguments):
         if self.pc_start_ratio and self.pc_start_step:
             raise _bad("pc_start_step", self.pc_start_step,
                        f"0 when pc_start_ratio={self.pc_start_ratio} is set (one of the two)")
+        if not self.use_cpu and _cpu_only_launch():
+            # without it every rank reports world size 1, trains alone and writes to output_dir
+            warnings.warn(f"{os.environ['WORLD_SIZE']} processes launched on a machine without an "
+                          "accelerator: setting use_cpu=True so that they train together (gloo)",
+                          UserWarning, stacklevel=3)
+            self.use_cpu = True
         if (self.pc_method in ("ivon_pcm", "alpha_svrg") and self.max_steps > 0
                 and self.pc_start_step >= self.max_steps):
             raise _bad("pc_start_step", self.pc_start_step,

@@ -20,7 +20,8 @@ def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumul
         ivon_hess_init=0.1, ivon_ess=ess,
         ivon_clip_radius=float("inf"), pc_mean_term_weight=0.01, pc_start_step=1,
         pc_refresh_steps=1, pc_megabatch_factor=1, max_grad_norm=0.0, report_to=[],
-        save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, lr_scheduler_type="constant",
+        # no use_cpu: two processes on a machine without GPUs set it themselves
+        save_strategy="no", disable_tqdm=True, seed=0, lr_scheduler_type="constant",
         ddp_find_unused_parameters=False, dataloader_drop_last=True)
     trainer = PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=first_windows(8))
     trainer.train()
