@@ -53,6 +53,7 @@ import torch
 from transformers import TrainerCallback
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments
+from hf_ivonpc.optim.hparams import default
 from hf_ivonpc.tasks.lm import attn_implementation, gpt2_model
 
 
@@ -143,9 +144,9 @@ SKIP_PARTS = {"results", "build", "__pycache__", "node_modules"}
 EVIDENCE_MODEL = dict(n_layer=6, n_head=6, n_embd=384)
 DRY_MODEL = dict(n_layer=1, n_head=2, n_embd=32)
 #: IVON-PCM's correction: the paper's GPT-2 outer momentum, refresh and mega-batch; alpha and w
-#: where the CPU ablation (docs/results/ablations.md) found IVON-PCM at its best
-PCM = dict(pc_alpha=0.25, pc_mean_term_weight=0.01, pc_rho1=0.6, pc_rho2=0.1,
-           pc_refresh_steps=10, pc_megabatch_factor=10)
+#: the project's defaults (hparams, chosen from the evidence campaign)
+PCM = dict(pc_alpha=default("alpha"), pc_mean_term_weight=default("mean_term_weight"), pc_rho1=0.6,
+           pc_rho2=0.1, pc_refresh_steps=10, pc_megabatch_factor=10)
 #: IVON-PCM's corrected step in units of IVON's (two passes + the mega-batch amortised: 3.02
 #: measured on the CPU, see README), with a margin: the plan's guess when it was not measured
 PCM_COST = 3.3

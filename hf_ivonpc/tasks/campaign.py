@@ -1,7 +1,7 @@
 """Comparisons as experiments: cached runs, one tuning rule for every method, intervals, and the
 read-off of a run's curve at equal steps, gradient evaluations or time.
 
-Shared by ``scripts/evidence.py`` and ``scripts/ablate.py``.
+Used by ``scripts/evidence.py``.
 """
 
 from __future__ import annotations
