@@ -74,23 +74,6 @@ def test_readme_posterior_example_runs(tmp_path):
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
 
 
-def test_ablation_figures_are_the_scripts():
-    """The README's ablation table is docs/results/ablations.md's, which scripts/ablate.py wrote
-    (with the summary in ablations.json beside it)."""
-    import json
-    results = README.parent / "docs" / "results"
-    summary = json.loads((results / "ablations.json").read_text())["summary"]
-    methods_md = (results / "ablations.md").read_text().split("### methods")[1].split("###")[0]
-    rows = [line for line in methods_md.splitlines() if line.startswith("| ") and not line.startswith("| |")]
-    assert [r.split("|")[1].strip() for r in rows] == list(summary["methods"])
-    for name, s in summary["methods"].items():
-        mean = f"{s['final_eval_loss']['mean']:.4f}"
-        assert any(line.startswith(f"| {name} |") and mean in line for line in rows), name
-    text = README.read_text()
-    for row in rows:   # the README shows the same rows
-        assert row in text, row
-
-
 def test_hyperparameter_table_is_the_single_source():
     """The README's table of hyperparameters is ``hparams.markdown_table()`` verbatim."""
     from hf_ivonpc.optim.hparams import markdown_table
