@@ -54,8 +54,14 @@ def test_readme_trainer_example_runs(tmp_path):
     ns = dict(model=tiny_gpt2(), train=CharWindows(), val=CharWindows("val"))
     exec(compile(code, "README.md", "exec"), ns)
     trainer = ns["trainer"]
-    assert trainer.pc_optimizer._pc["refreshes"] == 2
-    assert trainer.evaluate()["eval_loss"] < 4.0   # 4.34 at initialisation, 3.88 measured
+    assert trainer.pc_optimizer.refreshes == 2
+    # 4.34 at initialisation (the same seed's model); after these 30 steps 4.22-4.26 (by thread
+    # count) with the default beta2 = 1 - 1/30, under which h adapts, and 3.89 with beta2 = 0.99999,
+    # under which h stays h0 and the steps stay clipped and sign-like: over a short horizon the
+    # horizon-aware default trades speed for a posterior that has learned something
+    args = trainer.args
+    before = ns["PCTrainer"](model=tiny_gpt2(), args=args, eval_dataset=CharWindows("val")).evaluate()["eval_loss"]
+    assert trainer.evaluate()["eval_loss"] < before - 0.05, before
 
 
 def test_readme_posterior_example_runs(tmp_path):
