@@ -5,6 +5,7 @@ an experiment, per regime (``hf_ivonpc.tasks.evidence``: ``lm``, ``image``; ``di
     python scripts/evidence.py --regime image --workers 2   # ~30 min; needs Debian's dataset-fashion-mnist
     python scripts/evidence.py --regime lm --report_only    # tables and plots from finished runs
     python scripts/evidence.py --regime lm --sweeps         # also Fig. 6: refresh interval, start
+    python scripts/evidence.py --regime lm --status         # what has finished so far
 
 The rule every method is tuned by, on seed 1000 (never reported):
 1. learning rate: AdamW's and IVON's each the best final validation loss of a 1-3-10 grid that
@@ -322,6 +323,27 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def status(regime: str, out: Path) -> str:
+    """Every finished run of a campaign that has not finished, as a table (tuning runs are on
+    seed 1000 and are not results: they choose the settings)."""
+    runs = []
+    for path in sorted((out / regime / "runs").glob("*.json")):
+        r = json.loads(path.read_text())
+        if r.get("regime") == regime and r["key"]["spec"] == REGIMES[regime]:
+            runs.append(r)
+    lines = [f"# Evidence: regime `{regime}`, status", "",
+             f"{len(runs)} finished runs (of a campaign that has not finished: tuning-seed runs choose "
+             "settings and are not results). Final validation loss at equal steps:", "",
+             "| method | seed | lr | alpha | w | rho | final validation loss | CPU s |", "|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(METHODS)}
+    for r in sorted(runs, key=lambda r: (r["cfg"]["seed"], order.get(r["cfg"]["method"], 9), r["cfg"]["lr"],
+                                         r["cfg"].get("alpha", 0), r["cfg"].get("w") or 0)):
+        c = r["cfg"]
+        lines.append(f"| {_name(r)} | {c['seed']} | {c['lr']} | {c.get('alpha', '')} | {c.get('w', '')} | "
+                     f"{c.get('rho', '')} | {r['final']['eval_loss']:.4f} | {r['cpu_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regime", choices=sorted(REGIMES), default="lm")
@@ -331,6 +353,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true",
                     help="a reduced grid (alpha 0.25 and 1, w 0.01, no growth): checks the code path")
     ap.add_argument("--report_only", action="store_true", help="only report from finished runs")
+    ap.add_argument("--status", action="store_true",
+                    help="write <regime>_status.md: every finished run so far (the campaign unfinished)")
     ap.add_argument("--sweeps", action="store_true",
                     help="also IVON-PCM's refresh interval (5, 20, 40) and correction start (25%%, 75%%) "
                          "at its tuned settings, on the reported seeds (Fig. 6)")
@@ -344,6 +368,12 @@ def main(argv=None) -> dict:
         if not FASHION_MNIST.is_dir():
             ap.error(f"--regime image needs {FASHION_MNIST}: {FASHION_HOW}")
     out = Path(a.out)
+    if a.status:
+        text = status(a.regime, out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{a.regime}_status.md").write_text(text)
+        print(text)
+        return {"status": text}
     c = Campaign(a.regime, out, 1 if a.report_only else a.workers, a.quick)
     if a.report_only:   # nothing new is trained: a missing run is an error, not a training
         global _job

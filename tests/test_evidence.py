@@ -88,6 +88,11 @@ def test_quick_campaign_reports_every_method_and_diagnostic(tmp_path):
     again = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--report_only",
                            "--sweeps"])
     assert again["summary"]["methods"]["ivon_pcm"] == json.loads(json.dumps(s["methods"]["ivon_pcm"]))
+    table = evidence.main(["--regime", "digits", "--out", str(tmp_path), "--status"])["status"]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    # + the tuning runs: 3 + 3 learning rates, 3 methods x 2 alphas
+    assert len(rows) == len({json.dumps(r["cfg"], sort_keys=True) for r in report["runs"]}) + 6 + 6
+    assert (tmp_path / "digits_status.md").read_text() == table
 
 
 def test_report_only_refuses_to_train(tmp_path):
