@@ -204,3 +204,22 @@ def test_diagnostics_appear_in_the_trainer_logs(tmp_path):
     quiet = PCTrainer(model=tiny_gpt2(), args=off, train_dataset=CharWindows())
     quiet.train()
     assert not any(k.startswith("pc/grad_var") for e in quiet.state.log_history for k in e)
+
+
+def test_window_ratio_adds_the_mega_batch_error_shared_by_the_window():
+    """grad_var_ratio + alpha^2 m / K, with K the mega-batch in mini-batches of the step."""
+    x, y = _digits()
+    params = _mlp_params()
+    opt = IVONPC(params, lr=0.05, ess=float(len(y)), hess_init=1.0, clip_radius=float("inf"),
+                 alpha=0.5, refresh_every=4, seed=0)
+    opt.track_diagnostics = True
+    order = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        if opt.needs_refresh:
+            with opt.refreshing():
+                for part in torch.randperm(len(y), generator=order)[:5 * 16].split(16):   # K = 5
+                    with opt.sampled_params(train=True, at="mega"):
+                        _mlp_loss(params, x[part], y[part]).backward()
+        _corrected_step(opt, params, x, y, torch.randint(0, len(y), (16,), generator=order))
+    d = opt.diagnostics()
+    assert d["window_var_ratio"] == pytest.approx(d["grad_var_ratio"] + 0.25 * 4 / 5, rel=1e-12)

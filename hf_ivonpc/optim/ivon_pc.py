@@ -134,3 +134,22 @@ class IVONPC(IVON):
         if self.track_diagnostics:
             self._diag_h_out_negative += (flat["h_out"] < 0).sum(dtype=torch.float64)
             self._diag_counts[1] += flat["h_out"].numel()
+        self._last_mega = self._count["mega"]
+
+    def _before_update(self) -> None:
+        if self._diag_raw_ready:
+            self._diag_in_per_step = self._count["in"]
+        super()._before_update()
+
+    def diagnostics(self) -> dict[str, float]:
+        """IVON's diagnostics, and ``window_var_ratio``: the corrected gradient's noise summed over
+        a refresh window of m steps, over the plain one's. The mega-batch's own error (variance
+        Var/K for a mega-batch of K mini-batches) enters every step of the window alike, so it adds
+        alpha^2 m / K to ``grad_var_ratio``: the correction pays while the sum is below 1 (with
+        alpha = 1 and m = K it cannot). Exact for rho1 = 0; outer momentum lowers the added term."""
+        out = super().diagnostics()
+        k, mega = getattr(self, "_diag_in_per_step", None), getattr(self, "_last_mega", None)
+        if "grad_var_ratio" in out and k and mega:
+            alpha = self.param_groups[0]["alpha"]
+            out["window_var_ratio"] = out["grad_var_ratio"] + alpha ** 2 * self.refresh_every * k / mega
+        return out
