@@ -157,7 +157,6 @@ class PCTrainer(Trainer):
         kw.update(lr=args.learning_rate, ess=self.resolved_ess(), seed=args.seed, sync=sync)
         cls = IVON if args.pc_method == "ivon" else IVONPC
         self.optimizer = cls(groups, **kw)
-        self.optimizer.track_diagnostics = args.pc_log_diagnostics
         return self.optimizer
 
     def _rebind_sharded_params(self) -> None:
@@ -230,6 +229,8 @@ class PCTrainer(Trainer):
             return super().training_step(model, inputs, num_items_in_batch)
         # Trainer scales each micro-batch's loss for accumulation: the parts add up
         opt.grad_reduction = "sum"
+        if opt.collected == 0 and hasattr(opt, "diagnostics"):
+            opt.track_diagnostics = self._diagnostics_due(opt)
         if opt.collected == 0 and opt.needs_refresh:
             # mega-batch micro-batches are whole (unscaled) estimates: the full max_grad_norm
             opt.max_grad_norm = self.args.max_grad_norm or None
@@ -246,6 +247,15 @@ class PCTrainer(Trainer):
             with self._local_gradients(model, opt), opt.sampled_params(train=True, at="out"):
                 super().training_step(model, inputs, num_items_in_batch)
         return loss
+
+    def _diagnostics_due(self, opt) -> bool:
+        """Whether this step measures the diagnostics: about 8 steps per logging window (in high
+        dimension one step's variance estimate is already precise) and every refresh."""
+        if not self.args.pc_log_diagnostics:
+            return False
+        window = getattr(self.state, "logging_steps", None) or self.args.logging_steps
+        stride = max(1, int(window) // 8) if window and window >= 1 else 1
+        return self.state.global_step % stride == 0 or opt.needs_refresh
 
     def _local_gradients(self, model, opt: FlatStateOptimizer):
         """No DDP all-reduce where the optimizer reduces its paired statistics itself; under FSDP2,

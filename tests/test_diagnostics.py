@@ -223,3 +223,16 @@ def test_window_ratio_adds_the_mega_batch_error_shared_by_the_window():
         _corrected_step(opt, params, x, y, torch.randint(0, len(y), (16,), generator=order))
     d = opt.diagnostics()
     assert d["window_var_ratio"] == pytest.approx(d["grad_var_ratio"] + 0.25 * 4 / 5, rel=1e-12)
+
+
+def test_the_trainer_measures_about_eight_steps_per_logging_window(tmp_path):
+    args = PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon_pcm", max_steps=32,
+                               learning_rate=0.05, per_device_train_batch_size=8, logging_steps=16,
+                               report_to=[], save_strategy="no", ivon_ess=1e4, ivon_hess_init=0.1,
+                               pc_megabatch_factor=2, pc_refresh_steps=5, pc_start_step=1,
+                               disable_tqdm=True, use_cpu=True, seed=0)
+    trainer = PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows())
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "pc/var_steps" in e]
+    # steps 16..31: every 2nd (stride 16 // 8) and the refreshes at 16, 21, 26, 31
+    assert [e["pc/var_steps"] for e in logs][-1] == len({s for s in range(16, 32) if s % 2 == 0 or (s - 1) % 5 == 0})
