@@ -13,7 +13,15 @@ costs 1 + 2 = 3 epochs. The full batch is split into micro-batches of ``micro`` 
 evaluated at its own posterior draw (PAPER_NOTES, item 3).
 
 The training loss that is reported is always the full-batch ``L`` at the *mean* of the posterior
-(the parameters hold it outside ``sampled_params`` blocks).
+(the parameters hold it outside ``sampled_params`` blocks). Every recorded point also holds the
+number of inner (optimizer) steps taken so far, so that runs can be compared per step as well as per
+epoch (an outer pass takes no inner step).
+
+``alpha``, the weight of the correction (Eq. 18; alpha-SVRG's alpha), is a hyperparameter of the
+methods in ``ALPHA_METHODS`` (IVON-PC, its independent-draw variant and VON-PC); SVRG and VSGD-PC
+are alpha = 1 by definition (Alg. 1 and 3: ``SVRG`` and ``VSGDPC`` fix it). A corrected method
+pays the same cost at any alpha > 0 (both passes still run). ``tune_alpha`` selects alpha and the
+learning rate jointly with the same ranking rule (``score``) as the learning rates.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ METHODS = ("sgd", "svrg", "ivon", "ivon_pc", "vsgd_pc", "von_pc")
 #: extra method, not in the default list: IVON-PC with independent draws for theta_in and theta_out
 EXTRA_METHODS = ("ivon_pc_indep",)
 CORRECTED = ("svrg", "ivon_pc", "ivon_pc_indep", "vsgd_pc", "von_pc")
+#: corrected methods whose correction weight alpha is tuned (SVRG and VSGD-PC: alpha = 1 by
+#: definition)
+ALPHA_METHODS = ("ivon_pc", "ivon_pc_indep", "von_pc")
+#: the values of alpha tried by ``tune_alpha``
+ALPHA_GRID = (0.1, 0.25, 0.5, 1.0)
 LABELS = {"sgd": "SGD", "svrg": "SVRG", "ivon": "IVON", "ivon_pc": "IVON-PC",
           "ivon_pc_indep": "IVON-PC (indep. eps)", "vsgd_pc": "VSGD-PC", "von_pc": "VON-PC"}
 
@@ -161,19 +174,30 @@ def load_problem(name: str, delta: float = DELTA) -> Problem:
 # ---------------------------------------------------------------------------------- training
 @dataclass
 class Trace:
-    """Full-batch loss at the mean against the cost in epochs of one run."""
+    """Full-batch loss at the mean against the cost in epochs, and the number of inner
+    (optimizer) steps, of one run."""
     epochs: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # inner steps taken at each recorded point
     refreshes: list[float] = field(default_factory=list)  # epochs at which outer passes start
+    refresh_steps: list[int] = field(default_factory=list)  # ... and the inner steps taken by then
     diverged: bool = False
     failure: str | None = None  # why a run stopped early (divergence, indefinite precision)
     seconds: float = 0.0
 
-    def epochs_to_tol(self, optimum: float, tol: float = TOL) -> float | None:
-        for e, l in zip(self.epochs, self.losses):
+    def _first_within(self, xs: list, optimum: float, tol: float):
+        for x, l in zip(xs, self.losses):
             if l <= optimum * (1.0 + tol):
-                return e
+                return x
         return None
+
+    def epochs_to_tol(self, optimum: float, tol: float = TOL) -> float | None:
+        return self._first_within(self.epochs, optimum, tol)
+
+    def steps_to_tol(self, optimum: float, tol: float = TOL) -> int | None:
+        """Inner steps taken when the loss is first within ``tol`` (at the same point as
+        ``epochs_to_tol``)."""
+        return self._first_within(self.steps, optimum, tol)
 
 
 class _Batches:
@@ -210,10 +234,16 @@ def skip_reason(problem: Problem, method: str) -> str | None:
 
 
 def make_optimizer(method: str, params: list[torch.Tensor], lr: float, problem: Problem, seed: int,
-                   refresh_every: int):
+                   refresh_every: int, alpha: float = 1.0):
     n, lam = problem.n, problem.delta
+    if alpha != 1.0 and method not in ALPHA_METHODS:
+        raise ValueError(f"alpha={alpha!r} is invalid for {method!r}: only {ALPHA_METHODS} take an "
+                         "alpha other than 1")
+    # clip_radius explicitly off: IVONPC's default became the project's 1e-3 (hparams), which
+    # caps every step at lr * 1e-3 and silently changed IVON-PC here (its tuned lr went from
+    # 2**-5 to 2**0 on breast cancer, 1.8x the epochs to tol)
     ivon_kw = dict(ess=n, hess_init=HESS_INIT, beta1=BETA1, beta2=BETA2, weight_decay=lam,
-                   rescale_lr=False, seed=seed)
+                   clip_radius=math.inf, rescale_lr=False, seed=seed)
     if method == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=lam)
     if method == "svrg":
@@ -226,7 +256,7 @@ def make_optimizer(method: str, params: list[torch.Tensor], lr: float, problem: 
     if method == "ivon":
         return IVON(params, lr=lr, **ivon_kw)
     if method in ("ivon_pc", "ivon_pc_indep"):
-        return IVONPC(params, lr=lr, alpha=1.0, rho1=0.0, rho2=0.0,
+        return IVONPC(params, lr=lr, alpha=alpha, rho1=0.0, rho2=0.0,
                       mean_term_weight=MEAN_TERM_WEIGHT, refresh_every=refresh_every,
                       shared_noise=(method == "ivon_pc"), **ivon_kw)
     if method == "von_pc":
@@ -236,26 +266,30 @@ def make_optimizer(method: str, params: list[torch.Tensor], lr: float, problem: 
         # batch size 5. The line-12 term is downweighted like IVON-PC's (Sec. 4.1): its Hessian
         # H_out - hess f_i(theta_out) is exact but from 5 examples, and at weight 1 it diverges.
         return VONPC(params, lr=lr, beta=1.0 / refresh_every, ess=n, prior_precision=lam,
-                     s_init=HESS_INIT, alpha=1.0, mean_term_weight=MEAN_TERM_WEIGHT,
+                     s_init=HESS_INIT, alpha=alpha, mean_term_weight=MEAN_TERM_WEIGHT,
                      refresh_every=refresh_every, seed=seed)
     raise ValueError(f"method={method!r} is invalid: accepted are {METHODS + EXTRA_METHODS}")
 
 
 def run(problem: Problem, method: str, lr: float, epochs: float, seed: int, batch: int = 5,
-        micro: int = 5, evals_per_epoch: int = 20, diverge_factor: float = 1e3) -> Trace:
+        micro: int = 5, evals_per_epoch: int = 20, diverge_factor: float = 1e3,
+        alpha: float = 1.0) -> Trace:
     """One run of ``method`` from w = 0 for a budget of ``epochs`` (the paper's cost); ``seed``
-    sets the mini-batch order and the optimizer's noise."""
-    return _Run(problem, method, lr, seed, batch, micro, evals_per_epoch, diverge_factor)(epochs)
+    sets the mini-batch order and the optimizer's noise; ``alpha`` is the correction weight (only
+    ``ALPHA_METHODS`` accept a value other than 1)."""
+    return _Run(problem, method, lr, seed, batch, micro, evals_per_epoch, diverge_factor,
+                alpha)(epochs)
 
 
 class _Run:
-    def __init__(self, problem, method, lr, seed, batch, micro, evals_per_epoch, diverge_factor):
+    def __init__(self, problem, method, lr, seed, batch, micro, evals_per_epoch, diverge_factor,
+                 alpha=1.0):
         n = problem.n
         self.problem, self.method = problem, method
         self.batches = _Batches(n, batch, torch.Generator().manual_seed(seed))
         m = max(1, round(n / batch))  # inner steps per outer pass: one epoch-equivalent
         self.w = torch.nn.Parameter(torch.zeros(problem.d, dtype=torch.float64))
-        self.opt = make_optimizer(method, [self.w], lr, problem, seed, m)
+        self.opt = make_optimizer(method, [self.w], lr, problem, seed, m, alpha)
         self.corrected = method in CORRECTED
         self.step_cost = batch / n * (2 if self.corrected else 1)
         self.eval_every = max(1, round(m / evals_per_epoch))
@@ -271,6 +305,7 @@ class _Run:
         loss = self.problem.full_loss(self.w.detach())
         self.trace.epochs.append(self.cost)
         self.trace.losses.append(loss)
+        self.trace.steps.append(self.steps)
         if not math.isfinite(loss) or loss > self.limit:
             self.trace.diverged = True
             self.trace.failure = f"diverged: loss {loss:.3g} at epoch {self.cost:.2f}"
@@ -311,6 +346,7 @@ class _Run:
                     if self.cost + 1 > epochs + eps:
                         break
                     tr.refreshes.append(self.cost)
+                    tr.refresh_steps.append(self.steps)
                     self.outer_pass()
                     self.cost += 1
                     if not self.record():
@@ -364,8 +400,8 @@ GRID_MAX_EXTENSIONS = 3
 def tune(problem: Problem, method: str, epochs: float, seed: int, log=None, **run_kw):
     """Best constant learning rate of ``method`` on ``problem``: a grid of 8 powers of 2 from
     2**GRID_START[method], moved by 4 values towards an edge whenever the best value lies on it
-    (at most 3 times), the same rule for every method. Returns (best lr, {lr: (score,
-    epochs_to_tol, final loss)})."""
+    (at most 3 times), the same rule for every method. ``run_kw`` goes to ``run`` (``alpha``
+    included). Returns (best lr, {lr: (score, epochs_to_tol, final loss, steps_to_tol)})."""
     lo = GRID_START[method]
     exps = list(range(lo, lo + GRID_SIZE))
     table: dict[int, tuple] = {}
@@ -374,9 +410,11 @@ def tune(problem: Problem, method: str, epochs: float, seed: int, log=None, **ru
             if k not in table:
                 tr = run(problem, method, 2.0 ** k, epochs, seed, **run_kw)
                 table[k] = (score(tr, problem.optimum), tr.epochs_to_tol(problem.optimum),
-                            tr.losses[-1])
+                            tr.losses[-1], tr.steps_to_tol(problem.optimum))
                 if log:
-                    log(f"  tune {problem.name} {method} lr=2^{k}: ett={table[k][1]} "
+                    a = run_kw.get("alpha", 1.0)
+                    log(f"  tune {problem.name} {method}{'' if a == 1.0 else f' alpha={a:g}'} "
+                        f"lr=2^{k}: ett={table[k][1]} "
                         f"final={table[k][2]:.6g} diverged={tr.diverged}")
         best = min(table, key=lambda k: table[k][0])
         ks = sorted(table)
@@ -387,3 +425,48 @@ def tune(problem: Problem, method: str, epochs: float, seed: int, log=None, **ru
         else:
             break
     return 2.0 ** best, {2.0 ** k: v for k, v in sorted(table.items())}
+
+
+def pick_alpha(scores: dict[float, tuple]) -> float:
+    """The alpha whose ``score`` is lowest (the learning rates' rule: epochs to tol among runs
+    still within tol at the end, then final loss; failed runs last); a tie goes to the larger
+    alpha (the closer to the paper's alpha = 1)."""
+    if not scores:
+        raise ValueError("scores is empty: there is no alpha to pick")
+    return min(sorted(scores, reverse=True), key=lambda a: scores[a])
+
+
+def tune_alpha(problem: Problem, method: str, epochs: float, seed: int, log=None,
+               alphas=ALPHA_GRID, **run_kw):
+    """alpha and the learning rate of ``method`` tuned jointly on ``problem``: for every alpha in
+    ``alphas`` the learning rate is tuned by ``tune`` (its own grid, moved the same way), and the
+    alpha whose best run scores lowest wins (``pick_alpha``). Returns (alpha, lr, {alpha: {"lr",
+    "score", "epochs_to_tol", "final_loss", "inner_steps_to_tol", "lr_table"}}) where "lr_table" is
+    ``tune``'s table at that alpha."""
+    if method not in ALPHA_METHODS:
+        raise ValueError(f"method={method!r} has no alpha to tune: accepted are {ALPHA_METHODS}")
+    per_alpha = {}
+    for a in alphas:
+        lr, table = tune(problem, method, epochs, seed, log=log, alpha=a, **run_kw)
+        sc, ett, final, stt = table[lr]
+        per_alpha[a] = dict(lr=lr, score=sc, epochs_to_tol=ett, final_loss=final,
+                            inner_steps_to_tol=stt, lr_table=table)
+        if log:
+            log(f"  tune {problem.name} {method} alpha={a:g}: lr={lr:.6g} ett={ett} "
+                f"final={final:.6g}")
+    best = pick_alpha({a: v["score"] for a, v in per_alpha.items()})
+    return best, per_alpha[best]["lr"], per_alpha
+
+
+def alpha_results(problem: Problem, method: str, lrs: dict[float, float], epochs: float, seed: int,
+                  **run_kw) -> dict[float, dict]:
+    """One run per alpha at its learning rate ``lrs[alpha]`` (e.g. a table of ``tune_alpha``'s
+    choices): the per-alpha entries of ``tune_alpha`` without "lr_table"; ``pick_alpha`` on their
+    scores repeats its selection."""
+    out = {}
+    for a, lr in sorted(lrs.items()):
+        tr = run(problem, method, lr, epochs, seed, alpha=a, **run_kw)
+        out[a] = dict(lr=lr, score=score(tr, problem.optimum),
+                      epochs_to_tol=tr.epochs_to_tol(problem.optimum), final_loss=tr.losses[-1],
+                      inner_steps_to_tol=tr.steps_to_tol(problem.optimum))
+    return out
