@@ -96,9 +96,6 @@ class PCTrainingArguments(TrainingArguments):
         if self.eval_mc_samples and not variational:
             raise _bad("eval_mc_samples", self.eval_mc_samples,
                        f"0 with pc_method={self.pc_method!r} (only IVON methods have a posterior)")
-        if self.pc_start_ratio and self.pc_start_step:
-            raise _bad("pc_start_step", self.pc_start_step,
-                       f"0 when pc_start_ratio={self.pc_start_ratio} is set (one of the two)")
         if not self.use_cpu and _cpu_only_launch():
             # without it every rank reports world size 1, trains alone and writes to output_dir
             warnings.warn(f"{os.environ['WORLD_SIZE']} processes launched on a machine without an "
@@ -142,9 +139,9 @@ class PCTrainingArguments(TrainingArguments):
 
     def start_step(self, num_training_steps: int) -> int:
         """Optimizer steps before the correction starts, in a run of ``num_training_steps``."""
-        if self.pc_start_ratio:
-            return math.ceil(self.pc_start_ratio * num_training_steps)
-        return self.pc_start_step
+        if self.pc_start_step or not self.pc_start_ratio:   # a step count wins over a ratio
+            return self.pc_start_step
+        return math.ceil(self.pc_start_ratio * num_training_steps)
 
     @property
     def corrects(self) -> bool:

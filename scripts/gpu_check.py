@@ -54,6 +54,7 @@ from transformers import TrainerCallback
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments
 from hf_ivonpc.optim.hparams import default
+from hf_ivonpc.tasks.evidence import CharWindows
 from hf_ivonpc.tasks.lm import attn_implementation, gpt2_model
 
 
@@ -200,23 +201,6 @@ class RandomCharWindows(torch.utils.data.Dataset):
         o = int(self.offsets[i])
         w = self.ids[o:o + self.block]
         return {"input_ids": w, "labels": w}
-
-
-class CharWindows(torch.utils.data.Dataset):
-    """Consecutive non-overlapping windows (at most ``limit``, evenly spread): validation."""
-
-    def __init__(self, ids: torch.Tensor, block: int, limit: int | None = None):
-        n = len(ids) // block
-        w = ids[: n * block].view(n, block)
-        if limit is not None and limit < n:
-            w = w[torch.linspace(0, n - 1, limit).long()]
-        self.windows = w
-
-    def __len__(self):
-        return len(self.windows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.windows[i], "labels": self.windows[i]}
 
 
 def run_seconds(steps: int, s_per_step: float, eval_s: float, pcm_cost: float = PCM_COST,

@@ -14,7 +14,8 @@ def _args(tmp_path, method, **over):
               per_device_train_batch_size=8, gradient_accumulation_steps=2, logging_steps=10,
               report_to=[], save_strategy="no", ivon_hess_init=0.1, ivon_clip_radius=float("inf"),
               ivon_ess=1e4, pc_megabatch_factor=4, pc_refresh_steps=10, pc_mean_term_weight=0.01,
-              pc_start_step=10, disable_tqdm=True, use_cpu=True, seed=0)
+              pc_start_step=10, disable_tqdm=True, use_cpu=True, seed=0,
+              ivon_beta2=0.999)   # explicit: unset, it would depend on the run's length
     if method in ("none", "alpha_svrg"):
         kw["learning_rate"] = 3e-3
     kw.update(over)

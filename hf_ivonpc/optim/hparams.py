@@ -135,9 +135,9 @@ HPARAMS: tuple[HParam, ...] = (
            "theta_out reuses theta_in's standard-normal draw (common random numbers).",
            methods=_PC),
     HParam(None, "pc_start_ratio", 0.0, FRACTION,
-           "Share of the run's optimizer steps without correction first, instead of "
-           "pc_start_step (which must then be 0): a config that starts the correction late works "
-           "at any run length.", methods=_PC),
+           "Share of the run's optimizer steps without correction first, used when "
+           "pc_start_step is 0 (a step count wins over a ratio, as warmup_steps over a ratio): a "
+           "config that starts the correction late works at any run length.", methods=_PC),
     HParam(None, "pc_megabatch_factor", 10, INT1,
            "Mega-batch size in mini-batches (per-device batch x accumulation steps x processes).",
            methods=_PC),
