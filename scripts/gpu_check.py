@@ -21,7 +21,7 @@ character-level GPT-2 (6 layers x 384, context 256, 10.7M parameters) learns the
 text (every ``*.py``, ``*.md``, ``*.yaml`` and ``*.toml`` file that travels with the working tree;
 the last 10% of each file is the validation set), so nothing is downloaded and nothing is carried.
 Two runs from the same seed, same initialisation and same batches: IVON, and IVON-PCM with
-``pc_start_step`` at half the run (alpha 0.25, w 0.01, rho 0.6/0.1, refresh 10, 10x mega-batch).
+``pc_start_step`` at half the run (alpha and w the project's defaults, rho 0.6/0.1, refresh 10, 10x mega-batch).
 Before its start IVON-PCM *is* IVON, so the two runs are one shared trunk that branches at the
 start step; the trunk is computed in each run rather than restored from a checkpoint (no resume
 path to trust, and the identity is checked, not assumed: the validation losses at the branch step
