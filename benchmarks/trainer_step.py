@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
+
+from hf_ivonpc import PCTrainer, PCTrainingArguments
 
 CONTEXT, BATCH = 128, 8
 

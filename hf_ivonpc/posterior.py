@@ -31,8 +31,8 @@ file in the same folder, then ``os.replace``: a crash while saving leaves the pr
 
 Command line::
 
-    python -m hf_ivonpc.posterior info PATH          # the summary of a posterior
-    python -m hf_ivonpc.posterior convert SRC DST    # the authors' published GPT-2 layout -> ours
+    hf-ivonpc posterior info PATH          # the summary of a posterior
+    hf-ivonpc posterior convert SRC DST    # the authors' published GPT-2 layout -> ours
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import sys
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -505,7 +504,7 @@ def _resolve(path_or_repo_id, subfolder, revision, token, cache_dir) -> str:
                 f"{p} holds no {os.path.join(subfolder or '', POSTERIOR_NAME)}: PCTrainer writes one "
                 "for pc_method 'ivon' and 'ivon_pcm' only (alpha_svrg and plain optimizers learn no "
                 "posterior); the authors' GPT-2 layout converts with "
-                "`python -m hf_ivonpc.posterior convert SRC DST`")
+                "`hf-ivonpc posterior convert SRC DST`")
         return file
     from huggingface_hub import hf_hub_download
     try:
@@ -551,35 +550,3 @@ def _logits(out) -> torch.Tensor:
         return out[0]
     raise TypeError(f"the model returned a {type(out).__name__}: expected logits (a tensor, an "
                     "output with 'logits', or a tuple whose first element is the logits)")
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    parser = argparse.ArgumentParser(prog="python -m hf_ivonpc.posterior",
-                                     description="Inspect or convert posterior files.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print the summary of a posterior (folder, file or repo id)")
-    info.add_argument("path")
-    conv = sub.add_parser("convert", help="convert the authors' GPT-2 layout (pytorch_model.bin + "
-                                          "optimizer_param_groups.pt) into ours")
-    conv.add_argument("src", help="folder (or Hub repo id) with the authors' files")
-    conv.add_argument("dst", help="new folder for model.safetensors + posterior.safetensors")
-    conv.add_argument("--n-head", type=int, default=None,
-                      help="attention heads when SRC has no config.json (default: n_embd // 64)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "info":
-            print(Posterior.from_pretrained(args.path).describe())
-        else:
-            from .convert import convert_authors_gpt2
-            post = convert_authors_gpt2(args.src, args.dst, n_head=args.n_head)
-            print(f"wrote {args.dst}\n")
-            print(post.describe())
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -115,7 +115,7 @@ def run_method(method: str, a, out: Path) -> dict:
     result = trainer.train()
     handle.remove()
     opt = trainer.pc_optimizer
-    state_dtypes = sorted({str(t.dtype).replace("torch.", "") for f in (opt._flat if opt else [])
+    state_dtypes = sorted({str(t.dtype).replace("torch.", "") for f in (opt.flat_state() if opt else [])
                            for t in f.values()})
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     elapsed = (timer.t1 - timer.t0) if timer.t0 is not None and timer.t1 is not None else float("nan")

@@ -61,10 +61,7 @@ import time
 
 import torch
 
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from hf_ivonpc.tasks import logreg as L  # noqa: E402
+from hf_ivonpc.tasks import logreg as L
 
 #: output of ``--tune`` (30 epochs, seed 1000); see the module docstring. For the methods of
 #: ``L.ALPHA_METHODS`` the learning rate at the selected alpha (``TUNED_ALPHA``)

@@ -29,7 +29,7 @@ def groups_of(params):
     return [{"params": params[:3]}, {"params": params[3:], "lr": 0.05, "weight_decay": 0.0}]
 
 
-def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1):
+def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1, loss=loss_fn):
     """The correction protocol on a fixed data order: `micro` micro-batches per step,
     a mega-batch of mega[0] examples in mega[1] micro-batches when a refresh is due."""
     n = x.shape[0]
@@ -41,16 +41,31 @@ def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1):
             with opt.refreshing():
                 for part in idx.chunk(mega[1]):
                     with opt.sampled_params(train=True, at="mega"):
-                        loss_fn(params, x[part], y[part]).backward()
+                        loss(params, x[part], y[part]).backward()
         idx = torch.randint(0, n, (batch * micro,), generator=order)
         active = opt.correction_active
         for part in idx.chunk(micro):
             with opt.sampled_params(train=True):
-                loss = loss_fn(params, x[part], y[part])
-                loss.backward()
+                value = loss(params, x[part], y[part])
+                value.backward()
             if active:
                 with opt.sampled_params(train=True, at="out"):
-                    loss_fn(params, x[part], y[part]).backward()
-            losses.append(loss.item())
+                    loss(params, x[part], y[part]).backward()
+            losses.append(value.item())
         opt.step()
+    return losses
+
+
+def drive_closures(opt, params, steps, x, y, batch=8, mega=(32, 2), loss=loss_fn):
+    """`drive` for the closure-based VON-PC (``refresh(closures)``, ``step(closure)``), on the
+    same data order (one micro-batch per step)."""
+    n = x.shape[0]
+    order = torch.Generator().manual_seed(7)
+    losses = []
+    for t in range(steps):
+        if opt.needs_refresh:
+            idx = torch.randperm(n, generator=order)[: mega[0]]
+            opt.refresh([lambda part=part: loss(params, x[part], y[part]) for part in idx.chunk(mega[1])])
+        idx = torch.randint(0, n, (batch,), generator=order)
+        losses.append(opt.step(lambda: loss(params, x[idx], y[idx])).item())
     return losses

@@ -27,9 +27,9 @@ def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumul
     trainer.train()
     opt = trainer.pc_optimizer
     state = {"params": [p.detach().clone() for p in trainer.model.parameters()],
-             "flat": [{k: v.clone() for k, v in f.items()} for f in opt._flat],
+             "flat": [{k: v.clone() for k, v in f.items()} for f in opt.flat_state(transient=True)],
              "persistent": list(opt.persistent_buffers),
-             "pc": dict(opt._pc), "world": args.world_size}
+             "pc": opt.counters, "world": args.world_size}
     torch.save(state, out / f"{method}-rank{args.process_index}-of{args.world_size}.pt")
 
 

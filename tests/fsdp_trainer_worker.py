@@ -9,17 +9,15 @@ swap of the optimizer's parameters, DCP checkpoints of model and optimizer).
     python tests/fsdp_trainer_worker.py OUT single
 """
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_lm import first_windows, tiny_gpt2  # noqa: E402
+from _tiny_lm import first_windows, tiny_gpt2   # this folder is on the path: the worker runs as a file
 
-from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
-from hf_ivonpc.optim._base import FlatStateOptimizer, is_sharded  # noqa: E402
+from hf_ivonpc import PCTrainer, PCTrainingArguments
+from hf_ivonpc.optim._base import FlatStateOptimizer, is_sharded
 
 
 def _allow_fsdp_on_cpu():
@@ -52,9 +50,22 @@ def _count_collected_gradients():
     FlatStateOptimizer._collect_role = counting
 
 
+def shipped_fsdp_config() -> dict:
+    """The FSDP settings of the shipped ``configs/accelerate/fsdp2.yaml``, as TrainingArguments'
+    ``fsdp_config`` (its keys without the ``fsdp_`` prefix)."""
+    import yaml
+
+    from hf_ivonpc.tasks.cli import CONFIGS
+
+    cfg = yaml.safe_load((CONFIGS / "accelerate" / "fsdp2.yaml").read_text())["fsdp_config"]
+    out = {k.removeprefix("fsdp_"): v for k, v in cfg.items() if k != "fsdp_auto_wrap_policy"}
+    out["transformer_layer_cls_to_wrap"] = [out["transformer_layer_cls_to_wrap"]]
+    assert cfg["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and out["version"] == 2
+    return out
+
+
 def trainer(out: Path, method: str, fsdp: bool, per_device: int, steps: int, ess: float, **kw):
-    extra = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["GPT2Block"],
-                                                "state_dict_type": "SHARDED_STATE_DICT"}) if fsdp else {}
+    extra = dict(fsdp=True, fsdp_config=shipped_fsdp_config()) if fsdp else {}
     args = PCTrainingArguments(
         output_dir=str(out), pc_method=method, max_steps=steps, learning_rate=0.05,
         per_device_train_batch_size=per_device, gradient_accumulation_steps=2,
@@ -72,7 +83,7 @@ def _full(t):
 def summary(t: PCTrainer, posterior: bool = True) -> dict:
     """What every rank must agree on, gathered from the shards (a collective)."""
     opt = t.pc_optimizer
-    out = {"params": [_full(p) for p in t.model.parameters()], "pc": dict(opt._pc), "sharded": opt.sharded,
+    out = {"params": [_full(p) for p in t.model.parameters()], "pc": opt.counters, "sharded": opt.sharded,
            "momentum": [_full(opt.state[p]["momentum"]) for g in opt.param_groups for p in g["params"]],
            "logs": [e for e in t.state.log_history if "pc/sigma_mean" in e]}
     if posterior:   # gathered by PCTrainer.posterior

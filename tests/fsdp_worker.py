@@ -19,20 +19,26 @@ from torch import nn
 
 from hf_ivonpc import Posterior
 from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
-from hf_ivonpc.optim._base import is_sharded, local_part
+from hf_ivonpc.optim._sharding import is_sharded, local_part
 
 STEPS, BATCH, REFRESH, MEGA = 6, 8, 3, 2
 
 
 class IndexNoise:
-    """Noise = cos(0.7 * index in the whole parameter + draw number): the same on any sharding."""
+    """Noise = cos(0.7 * index in the whole parameter + draw number): the same on any sharding.
+
+    Overrides the optimizer's standard-normal draw (its hook ``_draw_standard_normal``, a test of
+    the internals); the buffer is a group's flat noise buffer, laid out parameter after parameter
+    (each rank's shard of it when sharded)."""
 
     def _draw_standard_normal(self, buf):
-        self._draws = getattr(self, "_draws", 0) + 1
-        gi = next(i for i, f in enumerate(self._flat) if f["noise"] is buf)
-        for p, view in zip(self.param_groups[gi]["params"], self._views[gi]["noise"]):
-            idx = torch.arange(p.numel(), dtype=buf.dtype).view(p.shape)
-            view.copy_(torch.cos(0.7 * local_part(p, idx) + self._draws))
+        self.index_draws = getattr(self, "index_draws", 0) + 1
+        gi = next(i for i, f in enumerate(self.flat_state(transient=True)) if f["noise"] is buf)
+        off = 0
+        for p in self.param_groups[gi]["params"]:
+            idx = local_part(p, torch.arange(p.numel(), dtype=buf.dtype).view(p.shape))
+            buf[off:off + idx.numel()].view_as(idx).copy_(torch.cos(0.7 * idx + self.index_draws))
+            off += idx.numel()
 
 
 def make(name, params):
@@ -91,9 +97,9 @@ def groups(net):
 
 def same_state(a, b):
     hyper = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (a, b)]
-    return (a._pc == b._pc and hyper[0] == hyper[1] and a.param_groups[0]["step"] == STEPS
+    return (a.counters == b.counters and hyper[0] == hyper[1] and a.param_groups[0]["step"] == STEPS
             and torch.equal(a.generator.get_state(), b.generator.get_state())
-            and all(torch.equal(x[n], y[n]) for x, y in zip(a._flat, b._flat) for n in a.persistent_buffers))
+            and all(torch.equal(x[n], y[n]) for x, y in zip(a.flat_state(), b.flat_state()) for n in x))
 
 
 def dcp_round_trip(name, net, opt, folder):
@@ -157,9 +163,9 @@ def main(out):
                 diff["posterior_std"] = max(((post.std[n] - ref_post.std[n]).abs().max()
                                              / ref_post.std[n].abs().max()).item() for n in ref_post.names)
             report[name] = {"rel_diff": diff, "moved": moved, "state_is_dtensor": shapes_ok,
-                            "reload_exact": reload_ok, "dcp_exact": dcp_ok, "refreshes": ref._pc["refreshes"],
-                            "sharded_refreshes": opt._pc["refreshes"],
-                            "local_numel": sum(f["mean"].numel() for f in opt._flat),
+                            "reload_exact": reload_ok, "dcp_exact": dcp_ok, "refreshes": ref.refreshes,
+                            "sharded_refreshes": opt.refreshes,
+                            "local_numel": sum(f["mean"].numel() for f in opt.flat_state()),
                             "numel": sum(p.numel() for p in ref_net.parameters())}
     if rank == 0:
         with open(out, "w") as f:

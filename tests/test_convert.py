@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_ivonpc import Posterior
 from hf_ivonpc.convert import LINEAR_WEIGHTS, convert_authors_gpt2
-from hf_ivonpc.posterior import main
+from hf_ivonpc.tasks.posterior import main
 
 ESS, WD = 1e3, 1e-3
 

@@ -146,14 +146,15 @@ def test_the_two_passes_of_a_mini_batch_share_one_clip_factor(shared_noise):
         _pass(opt, p, target, "mega")
     with torch.no_grad():   # move the mean far from m_out (the snapshot)
         p.add_(5.0)
+    scratch = opt.flat_state(transient=True)[0]
     _pass(opt, p, target, "in")
-    theta_in = opt.state[p]["mean"] + opt._flat[0]["noise"]   # the noise buffer holds theta - m
+    theta_in = opt.state[p]["mean"] + scratch["noise"]   # the noise buffer holds theta - m
     _pass(opt, p, target, "out")
-    theta_out = opt.state[p]["m_out"] + opt._flat[0]["noise"]
+    theta_out = opt.state[p]["m_out"] + scratch["noise"]
     g_in, g_o = theta_in - target, theta_out - target
     c = min(1.0, 0.5 / (g_in.norm().item() + 1e-6))
     assert g_o.norm() < g_in.norm() / 2   # a per-pass factor would differ by more than 2x
-    torch.testing.assert_close(opt._flat[0]["acc_g"], c * (g_in - g_o), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(scratch["acc_g"], c * (g_in - g_o), rtol=1e-9, atol=1e-12)
 
 
 def test_with_theta_out_equal_to_theta_in_the_correction_cancels_under_clipping():
@@ -166,10 +167,11 @@ def test_with_theta_out_equal_to_theta_in_the_correction_cancels_under_clipping(
     with opt.refreshing():
         _pass(opt, p, target, "mega")
     _pass(opt, p, target, "in")
-    g_in = opt._flat[0]["acc_g"].clone()
+    acc_g = opt.flat_state(transient=True)[0]["acc_g"]
+    g_in = acc_g.clone()
     assert g_in.norm() == pytest.approx(0.5, rel=1e-5)   # clipping is active
     _pass(opt, p, target, "out")
-    torch.testing.assert_close(opt._flat[0]["acc_g"], g_in - 0.7 * g_in, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(acc_g, g_in - 0.7 * g_in, rtol=1e-12, atol=1e-15)
 
 
 def test_ivon_reports_the_clipped_share():

@@ -2,7 +2,6 @@
 batched greedy generation, the two scripts on their offline defaults, LoRA through peft, configs."""
 
 import json
-import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -10,12 +9,10 @@ import pytest
 import torch
 
 from hf_ivonpc.tasks import gsm8k as G
-from hf_ivonpc.tasks import summarization as S
+from hf_ivonpc.tasks import xsum as S
 from hf_ivonpc.tasks import sft
 from hf_ivonpc.tasks.cli import CONFIGS, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
 
 # ---------------------------------------------------------------- ROUGE
@@ -134,10 +131,9 @@ def _results(out: Path) -> dict:
 
 
 def test_finetune_xsum_offline_default_runs(tmp_path):
-    import finetune_xsum
 
     out = tmp_path / "xsum"
-    finetune_xsum.main(["--max_steps", "2", "--output_dir", str(out), "--max_train_samples", "8",
+    S.main(["--max_steps", "2", "--output_dir", str(out), "--max_train_samples", "8",
                         "--per_device_train_batch_size", "2", "--pc_megabatch_factor", "1",
                         "--pc_refresh_steps", "1", "--max_source_length", "48",
                         "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
@@ -170,17 +166,16 @@ class _Recorder:
 
 
 def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monkeypatch):
-    import finetune_gsm8k
     from safetensors.torch import load_file
 
-    rec = _Recorder(monkeypatch, finetune_gsm8k)
+    rec = _Recorder(monkeypatch, G)
     argv = ["--max_steps", "2", "--max_train_samples", "8", "--per_device_train_batch_size", "2",
             "--pc_megabatch_factor", "1", "--pc_refresh_steps", "1", "--max_length", "64",
             "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
             "--lora_r", "2", "--eval_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]
     out = tmp_path / "gsm8k"
-    finetune_gsm8k.main(argv + ["--output_dir", str(out)])
-    finetune_gsm8k.main(argv + ["--output_dir", str(tmp_path / "again")])
+    G.main(argv + ["--output_dir", str(out)])
+    G.main(argv + ["--output_dir", str(tmp_path / "again")])
     # the adapters' random initialisation is seeded too: a second run repeats the first
     assert _results(tmp_path / "again")["eval_loss"] == _results(out)["eval_loss"]
     r = _results(out)
@@ -193,7 +188,7 @@ def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monk
     covered = {id(p) for g in opt.param_groups for p in g["params"]}
     assert covered == {id(p) for p in trainable}
     n_trainable = sum(p.numel() for p in trainable)
-    assert sum(f["mean"].numel() for f in opt._flat) == n_trainable == r["n_trainable_params"]
+    assert sum(f["mean"].numel() for f in opt.flat_state()) == n_trainable == r["n_trainable_params"]
     assert n_trainable < 0.01 * r["n_params"]
     # the base weights are the pretrained ones, the adapters moved (B starts at zero)
     pretrained = load_file(Path(sft.model_path("smollm2")) / "model.safetensors")
@@ -220,13 +215,11 @@ PAPER_METHODS = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon", "i
 
 @pytest.mark.parametrize("name", _config_names())
 def test_configs_parse_into_the_script_arguments(name):
-    import finetune_gsm8k
-    import finetune_xsum
 
     from hf_ivonpc import PCTrainingArguments
     from hf_ivonpc.tasks.cli import parse_args
 
-    script = finetune_xsum.XsumArguments if name.startswith("xsum") else finetune_gsm8k.GSM8kArguments
+    script = S.XsumArguments if name.startswith("xsum") else G.GSM8kArguments
     cfg = load_config(CONFIGS / name, (script, PCTrainingArguments))
     # every value is valid (bf16 needs a GPU: checked below, not built here)
     args, targs = parse_args((script, PCTrainingArguments), argv=["--config", name, "--bf16", "false"])

@@ -1,4 +1,4 @@
-"""scripts/finetune_vit.py: the tiny CLIP is built, its vision encoder fine-tuned with a frozen
+"""The ViT workload (hf_ivonpc.tasks.vit): the tiny CLIP is built, its vision encoder fine-tuned with a frozen
 text head, and PCTrainer's classifier evaluation (mean and posterior predictive) works on it."""
 
 import json
@@ -11,9 +11,9 @@ from transformers import CLIPModel, CLIPProcessor, default_data_collator
 from hf_ivonpc import PCTrainer, PCTrainingArguments
 from hf_ivonpc.data import MissingDataError
 from hf_ivonpc.metrics import classification_metrics
-from hf_ivonpc.tasks import vision
+from hf_ivonpc.data import images
+from hf_ivonpc.tasks import vit
 
-from _scripts import load_script
 
 TINY = ["--tiny_clip_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "24",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "12",
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("vit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_IVONPC_CACHE", str(cache))
-        metrics = load_script("finetune_vit").main(TINY + ["--output_dir", str(out)])
+        metrics = vit.main(TINY + ["--output_dir", str(out)])
     (clip_dir,) = cache.glob("tiny-clip-*")
     return metrics, out, clip_dir
 
@@ -73,10 +73,10 @@ def test_text_side_is_frozen_and_vision_is_trained(run):
 def classifier(run):
     _, _, clip_dir = run
     processor = CLIPProcessor.from_pretrained(clip_dir)
-    model = vision.CLIPZeroShotClassifier.from_pretrained(clip_dir)
-    train, evals, names = vision.load_image_dataset("textiles")
-    train = vision.ProcessedImages(vision.take(train, 32), processor.image_processor)
-    evals = vision.ProcessedImages(vision.take(evals, 16), processor.image_processor)
+    model = vit.CLIPZeroShotClassifier.from_pretrained(clip_dir)
+    train, evals, names = images.load_image_dataset("textiles")
+    train = images.ProcessedImages(images.take(train, 32), processor.image_processor)
+    evals = images.ProcessedImages(images.take(evals, 16), processor.image_processor)
     model.set_classes(processor.tokenizer, names, ["a photo of a {}."])
     return model, train, evals, names
 
@@ -118,4 +118,4 @@ def test_classifier_evaluation_at_the_mean_and_predictive(classifier, tmp_path):
 def test_hub_data_set_fails_clearly_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(MissingDataError, match="could not load the image data set 'dtd'.*tanganke/dtd"):
-        vision.load_image_dataset("dtd")
+        images.load_image_dataset("dtd")

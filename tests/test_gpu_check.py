@@ -19,13 +19,13 @@ def test_dry_run_reports_every_method(tmp_path):
         assert summary["device"] == "cpu (dry run)" and "two_pass_memory" not in summary["checks"]
 
 
-def test_memory_plan_is_the_readme_table():
-    """Every figure of the README's memory table comes from benchmarks/memory_plan.py."""
+def test_memory_plan_is_the_runbook_table():
+    """Every figure of the runbook's memory table (docs/RUNBOOK.md) comes from benchmarks/memory_plan.py."""
     result = load_script("memory_plan", ROOT / "benchmarks").plan()
     assert result["state_bytes_per_param"] == {"adamw": 8, "ivon": 24, "ivon_pcm": 44, "alpha_svrg": 28}
-    readme = (ROOT / "README.md").read_text()
+    runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
     for name, r in result["runs"].items():
-        row = next(line for line in readme.splitlines() if line.startswith(f"| {name} |"))
+        row = next(line for line in runbook.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{r['trained_params'] / 1e6:.1f}M" and int(cells[2]) == r["gpus"]
         for cell, method in zip(cells[3:], ("adamw", "ivon", "ivon_pcm", "alpha_svrg")):

@@ -56,8 +56,8 @@ from safetensors.torch import load_file
 batch = load_file(batch_file)
 probs = post.predictive(model, batch, n_samples=3, seed=7)
 save_file({"probs": probs, **{"std." + n: s for n, s in post.std.items()}}, result)
-sys.argv = ["python -m hf_ivonpc.posterior", "info", out]     # the command line, as with -m
-runpy.run_module("hf_ivonpc.posterior", run_name="__main__")
+sys.argv = ["python -m hf_ivonpc", "posterior", "info", out]     # the command line, as with -m
+runpy.run_module("hf_ivonpc", run_name="__main__")
 """
 
 
@@ -92,7 +92,7 @@ def test_round_trip_in_a_fresh_process(tmp_path):
         at_mean = trainer.model(**batch).logits.softmax(-1)
     assert not torch.allclose(at_mean, expected, atol=1e-6)
 
-    # `python -m hf_ivonpc.posterior info` printed the summary
+    # `hf-ivonpc posterior info` printed the summary
     assert "method: ivon   step: 3" in run.stdout
     for kind in ("embeddings", "attention", "mlp", "norm"):
         assert f"| {kind} |" in run.stdout

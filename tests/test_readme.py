@@ -41,7 +41,7 @@ def test_readme_loops_run_and_learn():
         after = _loss(ns)
         assert after < 0.7 * before, (before, after)
         if "IVONPC" in code:
-            assert ns["opt"]._pc["refreshes"] >= 3
+            assert ns["opt"].refreshes >= 3
 
 
 def test_readme_trainer_example_runs(tmp_path):

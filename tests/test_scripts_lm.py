@@ -1,4 +1,5 @@
-"""scripts/pretrain.py and scripts/prepare_data.py on the offline corpus, a handful of steps."""
+"""The pretraining and continual-pretraining workloads and data preparation on the offline corpora,
+a handful of steps."""
 
 import json
 import math
@@ -7,7 +8,8 @@ import torch
 
 from transformers import AutoModelForCausalLM
 
-from _scripts import load_script
+from hf_ivonpc.data import prepare
+from hf_ivonpc.tasks import continual, pretrain
 
 MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
 TINY = MODEL + ["--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
@@ -18,12 +20,12 @@ TINY = MODEL + ["--block_size", "32", "--per_device_train_batch_size", "4", "--p
 
 def test_prepare_data_then_pretrain_writes_results(tmp_path):
     data = tmp_path / "data"
-    meta = load_script("prepare_data").main(["--dataset", "shakespeare", "--out", str(data)])
+    meta = prepare.main(["--dataset", "shakespeare", "--out", str(data)])
     assert meta["tokens"]["train"] > 1_000_000 and meta["vocab_size"] == 50257
     stamp = (data / "train.bin").stat().st_mtime_ns
 
     out = tmp_path / "out"
-    metrics = load_script("pretrain").main(TINY + ["--data_dir", str(data), "--max_steps", "4",
+    metrics = pretrain.main(TINY + ["--data_dir", str(data), "--max_steps", "4",
                                                    "--output_dir", str(out)])
     assert (data / "train.bin").stat().st_mtime_ns == stamp        # prepared data is reused
     saved = json.loads((out / "all_results.json").read_text())
@@ -47,12 +49,12 @@ def test_continual_pretraining_continues_the_posterior(tmp_path):
     from hf_ivonpc.tasks.cli import parse_args
 
     src = tmp_path / "pre"
-    load_script("pretrain").main(TINY + ["--data_dir", str(tmp_path / "shk"), "--max_steps", "3",
+    pretrain.main(TINY + ["--data_dir", str(tmp_path / "shk"), "--max_steps", "3",
                                          "--pc_method", "ivon", "--ivon_hess_init", "0.5",
                                          "--ivon_beta2", "0.999",   # h stays near 0.5 in 3 steps
                                          "--output_dir", str(src)])
     saved = Posterior.from_pretrained(src)
-    script = load_script("continual_pretrain")
+    script = continual
     argv = TINY[len(MODEL):] + ["--model_name_or_path", str(src), "--dataset", "aclsum",
                                 "--data_dir", str(tmp_path / "acl"), "--max_steps", "3",
                                 "--ivon_hess_init", "1e-3", "--pc_method", "ivon_pcm",
@@ -67,3 +69,26 @@ def test_continual_pretraining_continues_the_posterior(tmp_path):
     metrics = script.main(argv)
     assert "eval_perplexity" in metrics and (tmp_path / "cont" / "all_results.json").exists()
     assert (tmp_path / "cont" / "posterior.safetensors").exists()
+
+
+def test_continual_finds_the_posterior_of_a_hub_repository(tmp_path, monkeypatch):
+    """A Hub id gets its posterior.safetensors through the Hub cache; a repository (or, offline,
+    an uncached one) without the file starts from ivon_hess_init; a local folder is looked into."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cached = tmp_path / "hub" / "posterior.safetensors"
+    cached.parent.mkdir()
+    cached.write_bytes(b"")
+
+    def download(repo_id, filename, **kw):
+        assert filename == "posterior.safetensors"
+        if repo_id == "org/gpt2-ivon":
+            return str(cached)
+        raise LocalEntryNotFoundError(f"{repo_id}/{filename} is not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert continual.posterior_file("org/gpt2-ivon") == str(cached)
+    assert continual.posterior_file("org/gpt2-plain") is None
+    assert continual.posterior_file(str(cached.parent)) == str(cached)
+    assert continual.posterior_file(str(tmp_path)) is None

@@ -34,7 +34,7 @@ def test_every_method_lowers_the_loss(tmp_path, method):
     if method in ("ivon", "ivon_pcm"):
         assert "pc/sigma_mean" in logs[-1] and "grad_norm" not in logs[-1]
     if method in ("ivon_pcm", "alpha_svrg"):   # refreshed from step 10 on, every 10 steps
-        assert trainer.pc_optimizer._pc["refreshes"] == 3
+        assert trainer.pc_optimizer.refreshes == 3
         assert "pc/g_out_norm" in logs[-1]
 
 
@@ -108,8 +108,8 @@ class _CorrectionAtSnapshot(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         opt = self.trainer_ref[0].pc_optimizer
         if state.global_step == args.pc_start_step:
-            acc = torch.cat([f["acc_g"] for f in opt._flat])
-            self.residual = (acc.abs().max() / torch.cat([f["g_out"] for f in opt._flat]).abs().max()).item()
+            acc = torch.cat([f["acc_g"] for f in opt.flat_state(transient=True)])
+            self.residual = (acc.abs().max() / torch.cat([f["g_out"] for f in opt.flat_state()]).abs().max()).item()
 
 
 def test_both_passes_see_the_same_dropout(tmp_path):
@@ -144,9 +144,9 @@ def test_resume_between_two_refreshes_is_exact(tmp_path):
     for p, q in zip(full.model.parameters(), resumed.model.parameters()):
         assert torch.equal(p, q)
     a, b = full.pc_optimizer, resumed.pc_optimizer
-    assert a._pc == b._pc and a._pc["refreshes"] == 2
+    assert a.counters == b.counters and a.refreshes == 2
     for name in type(a).persistent_buffers:
-        assert torch.equal(a._flat[0][name], b._flat[0][name]), name
+        assert torch.equal(a.flat_state()[0][name], b.flat_state()[0][name]), name
 
 
 @pytest.mark.parametrize("method", ["ivon", "ivon_pcm"])
@@ -163,8 +163,8 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, method):
         trainer = PCTrainer(model=tiny_gpt2(dropout=0.0), args=args, train_dataset=CharWindows())
         trainer.train()
         opt = trainer.pc_optimizer
-        assert opt.global_step == 1 and opt._pc["refreshes"] == (1 if method == "ivon_pcm" else 0)
-        momentum[bs] = torch.cat([f["momentum"] for f in opt._flat])
+        assert opt.global_step == 1 and opt.refreshes == (1 if method == "ivon_pcm" else 0)
+        momentum[bs] = torch.cat([f["momentum"] for f in opt.flat_state()])
     assert momentum[8].abs().max() > 1e-4
     assert torch.allclose(momentum[8], momentum[2], rtol=1e-4, atol=1e-7)
 
@@ -209,7 +209,7 @@ def test_lora_only_adapters_carry_a_posterior(tmp_path):
     covered = {id(p) for g in opt.param_groups for p in g["params"]}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert covered == trainable and len(covered) == 4      # A and B of two c_attn adapters
-    assert sum(f["mean"].numel() for f in opt._flat) == sum(p.numel() for p in model.parameters()
+    assert sum(f["mean"].numel() for f in opt.flat_state()) == sum(p.numel() for p in model.parameters()
                                                              if p.requires_grad)
     for n, p in model.base_model.model.named_parameters():
         if "lora_" not in n:
@@ -274,7 +274,7 @@ def test_sequence_to_sequence_model_learns(tmp_path):
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < before - 0.5
-    assert trainer.pc_optimizer._pc["refreshes"] == 3
+    assert trainer.pc_optimizer.refreshes == 3
 
 
 def test_default_ess_counts_likelihood_terms_with_a_floor(tmp_path):

@@ -1,4 +1,5 @@
-"""Two CPU processes through `accelerate launch --multi_gpu --num_processes 2` (torchrun, gloo)."""
+"""Two CPU processes through `accelerate launch` with the shipped DDP config (``hf_ivonpc/configs/
+accelerate/ddp.yaml``, its 8 processes and bf16 overridden on the command line; torchrun, gloo)."""
 
 import os
 import shutil
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hf_ivonpc.tasks.cli import CONFIGS
+
 WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
 ROOT = WORKER.parents[1]
 
@@ -16,8 +19,9 @@ ROOT = WORKER.parents[1]
 def _launch(out: Path, processes: int, per_device: int):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
-    cmd = ([accelerate, "launch", "--multi_gpu", "--num_processes", str(processes),
-            "--main_process_port", "29617"] if processes > 1 else [sys.executable])
+    cmd = ([accelerate, "launch", "--config_file", str(CONFIGS / "accelerate" / "ddp.yaml"),
+            "--num_processes", str(processes), "--mixed_precision", "no", "--main_process_port", "29617"]
+           if processes > 1 else [sys.executable])
     cmd += [str(WORKER), str(out), str(per_device)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

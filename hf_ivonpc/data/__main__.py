@@ -19,7 +19,7 @@ def _items():
 
 
 def _textiles():
-    from ..tasks.vision import textiles_dataset
+    from .images import textiles_dataset
 
     return textiles_dataset()
 

@@ -79,3 +79,29 @@ def smollm2_dir() -> Path:
         tok.save_pretrained(tmp)
 
     return publish_dir(build, cache_dir() / "SmolLM2-135M-Instruct")
+
+
+def load_pretrained(loader, name_or_path: str, what: str = "model", **kwargs):
+    """``loader.from_pretrained(name_or_path, **kwargs)``, turning the offline failure into an error
+    that says how to provide the model locally."""
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(name_or_path).exists()
+        why = "its files could not be read" if local else "it is not a local folder and the Hub is unreachable or it is not cached"
+        raise OSError(
+            f"could not load the {what} {name_or_path!r}: {why} ({type(e).__name__}: {str(e)[:300]}). "
+            "Provide it locally: on a machine with Hub access run "
+            f"`huggingface-cli download {name_or_path} --local-dir DIR` (or `save_pretrained(DIR)`), "
+            "copy DIR here and pass its path") from e
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """A tokenizer: GPT-2's offline one when ``name_or_path`` is None, SmolLM2's for "smollm2",
+    else ``AutoTokenizer.from_pretrained`` of a folder or Hub id (failing clearly offline)."""
+    if name_or_path is None:
+        return gpt2_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = str(smollm2_dir()) if name_or_path == "smollm2" else name_or_path
+    return load_pretrained(AutoTokenizer, path, what="tokenizer")

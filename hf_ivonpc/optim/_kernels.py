@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -52,42 +51,6 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
         for lo in range(r.start, r.stop, chunk):
             sl = slice(lo, min(lo + chunk, r.stop))
             fn(**{k: v[sl] for k, v in tensors.items()}, sc=scalars, **flags)
-
-
-# ---------------------------------------------------------------------------- noise
-_pool: ThreadPoolExecutor | None = None
-_sub_generators: list[torch.Generator] = []
-
-
-def standard_normal_(buf: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Fill ``buf`` with N(0, 1) draws determined by ``generator`` alone.
-
-    On CPU, large buffers are filled in parallel: per call, one seed per thread is drawn from
-    ``generator`` and each thread fills its slice with its own re-seeded generator (exact normal
-    draws; the stream depends only on ``generator``'s state and the thread count).
-    """
-    global _pool
-    threads = torch.get_num_threads()
-    n = buf.numel()
-    if buf.device.type != "cpu" or threads < 2 or n < (1 << 20):
-        return buf.normal_(generator=generator)
-    seeds = torch.randint(0, 2**62, (threads,), generator=generator).tolist()
-    with _lock:
-        if _pool is None or _pool._max_workers != threads:
-            _pool = ThreadPoolExecutor(max_workers=threads)
-        while len(_sub_generators) < threads:
-            _sub_generators.append(torch.Generator())
-        gens = _sub_generators[:threads]
-    step = -(-n // threads)
-    parts = [buf[i * step:(i + 1) * step] for i in range(threads)]
-
-    def fill(i: int) -> None:
-        gens[i].manual_seed(seeds[i])
-        parts[i].normal_(generator=gens[i])
-
-    with _lock:  # the sub-generators are shared: one fill at a time
-        list(_pool.map(fill, range(threads)))
-    return buf
 
 
 # ---------------------------------------------------------------------------- IVON / IVON-PCM

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from . import _kernels as K
-from ._base import FlatStateOptimizer, check_arg, check_int_min, check_positive
+from ._base import FlatStateOptimizer
+from ._checks import check_arg, check_int_min, check_positive
 from .hparams import check as check_hparam
 from .hparams import default
 

@@ -1,7 +1,7 @@
 """IVON-PCM: IVON with posterior correction and outer momentum (Alg. 4 of the paper).
 
 ``rho1 = rho2 = 0`` gives IVON-PC; ``alpha = 0`` gives IVON exactly (same operations, same state
-values, same draws). See ``_base`` for the protocol a training loop follows.
+values, same draws). See ``_sampling`` for the protocol a training loop follows.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _kernels as K
-from ._base import binary_out
+from ._flat import binary_out
 from .hparams import check as check_hparam
 from .hparams import default as _d
 from .ivon import IVON

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._base import check_arg, check_int_min
+from ._checks import check_arg, check_int_min
 
 
 class MegaBatchSampler:

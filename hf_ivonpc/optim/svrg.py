@@ -6,7 +6,7 @@
 * :class:`VSGDPC` (Alg. 3): variational SGD with posterior correction over ``N(m, noise_std^2 I)``;
   with ``noise_std=0`` it *is* SVRG (Theorem 2).
 
-All follow the protocol of :mod:`hf_ivonpc.optim._base` (``needs_refresh``, ``refreshing()``,
+All follow the protocol of :mod:`hf_ivonpc.optim._sampling` (``needs_refresh``, ``refreshing()``,
 ``sampled_params(train=True, at=...)``, ``correction_active``, ``step()``).
 """
 
@@ -17,8 +17,9 @@ import math
 import torch
 
 from . import _kernels as K
-from ._base import (FlatStateOptimizer, binary_out, check_arg, check_beta, check_nonneg, check_positive,
-                    check_unit)
+from ._base import FlatStateOptimizer
+from ._checks import check_arg, check_beta, check_nonneg, check_positive, check_unit
+from ._flat import binary_out
 
 
 class AlphaSVRG(FlatStateOptimizer):
@@ -42,7 +43,7 @@ class AlphaSVRG(FlatStateOptimizer):
         weight_decay: L2 (SGD) or decoupled (AdamW) weight decay (>= 0).
         noise_std: standard deviation of the isotropic Gaussian (>= 0; 0: point estimate).
         rho1: outer momentum of g_out, in [0, 1].
-        refresh_every, start_step, shared_noise, seed, generator, chunk_size: see ``_base``.
+        refresh_every, start_step, shared_noise, seed, generator, chunk_size: as in ``IVONPC``.
     """
 
     corrects = True

@@ -25,8 +25,10 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from ._base import (CorrectionSchedule, is_sharded, check_arg, check_int_min, check_nonneg, check_positive,
-                    check_unit, make_generator)
+from ._checks import check_arg, check_int_min, check_nonneg, check_positive, check_unit
+from ._random import make_generator
+from ._schedule import CorrectionSchedule, fresh_counters
+from ._sharding import is_sharded
 
 #: the per-group hyperparameters; VON-PC has one posterior over all parameters, so every group
 #: must hold the same values (read from ``param_groups[0]``)
@@ -143,11 +145,12 @@ class VONPC(CorrectionSchedule, torch.optim.Optimizer):
         keep_pd: add the positive-definiteness term to line 11 (see above; default False).
         max_dim: the largest accepted ``d`` (default 4096).
 
-    Attributes ``needs_refresh``, ``correction_active``, ``global_step`` mean what they mean in
-    :mod:`hf_ivonpc.optim._base`. ``state_dict()`` holds ``S``, ``m_out``, ``S_out``, ``g_out``,
-    ``H_out``, the step counters and the generator state (tensors and plain numbers, loadable with
-    ``torch.load(weights_only=True)``); the mean ``m`` is the parameters, so save the model too.
-    Not for distributed training (one posterior, one generator).
+    Attributes ``needs_refresh``, ``correction_active``, ``global_step``, ``refreshes`` and
+    ``counters`` mean what they mean in :mod:`hf_ivonpc.optim._schedule`. ``state_dict()`` holds
+    ``S``, ``m_out``, ``S_out``, ``g_out``, ``H_out``, the step counters and the generator state
+    (tensors and plain numbers, loadable with ``torch.load(weights_only=True)``); the mean ``m``
+    is the parameters, so save the model too. Not for distributed training (one posterior, one
+    generator).
     """
 
     def __init__(self, params: Iterable, lr: float, beta: float, ess: float,
@@ -208,7 +211,7 @@ class VONPC(CorrectionSchedule, torch.optim.Optimizer):
         self._L_out: torch.Tensor | None = None
         self._g_out: torch.Tensor | None = None
         self._H_out: torch.Tensor | None = None
-        self._pc = {"step": 0, "refreshes": 0, "last_refresh": -1}
+        self._pc = fresh_counters()
 
     def add_param_group(self, param_group: dict) -> None:
         if hasattr(self, "_plist"):

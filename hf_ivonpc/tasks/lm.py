@@ -1,16 +1,14 @@
-"""Causal language modelling shared by the pretraining and continual-pretraining scripts: a
-GPT-2 from a config, the attention kernel to use, and prepared token-window data sets."""
+"""Causal language modelling shared by the pretraining and continual-pretraining workloads: a
+GPT-2 from a config, the attention kernel to use, and token-window data sets over prepared memmaps."""
 
 from __future__ import annotations
 
 import importlib.util
-import json
-import re
 from pathlib import Path
 
 import torch
 
-from ..data import TokenWindows, cache_dir, gpt2_tokenizer, load_corpus, prepare_memmap
+from ..data import TokenWindows
 
 
 def attn_implementation(requested: str = "auto") -> str:
@@ -34,42 +32,6 @@ def gpt2_model(vocab_size: int, block_size: int, n_layer: int, n_head: int, n_em
                      n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     torch.manual_seed(seed)
     return GPT2LMHeadModel._from_config(cfg, attn_implementation=attn_implementation(attn))
-
-
-def default_data_dir(dataset: str, tokenizer_name: str | None) -> Path:
-    """Where ``dataset`` tokenized by ``tokenizer_name`` is prepared: a folder of the cache."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{dataset}__{tokenizer_name or 'gpt2'}").strip("_")
-    return cache_dir() / "memmap" / slug
-
-
-def load_tokenizer(name: str | None):
-    """The offline GPT-2 tokenizer when ``name`` is None, else ``AutoTokenizer.from_pretrained``."""
-    if name is None:
-        return gpt2_tokenizer()
-    from .cli import load_pretrained
-    from transformers import AutoTokenizer
-
-    return load_pretrained(AutoTokenizer, name, what="tokenizer")
-
-
-def prepared_data(dataset: str, data_dir: str | None = None, tokenizer=None, tokenizer_name=None,
-                  val_fraction: float = 0.1, text_field: str = "text", dataset_config: str | None = None,
-                  ) -> tuple[Path, dict]:
-    """``(data_dir, meta)`` of ``dataset`` prepared as memmaps, preparing it on first use.
-
-    A folder that already holds ``meta.json`` is used as is, after checking that it was made with
-    a tokenizer of the same vocabulary size."""
-    out = Path(data_dir) if data_dir else default_data_dir(dataset, tokenizer_name)
-    meta_path = out / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if tokenizer is not None and meta["vocab_size"] != len(tokenizer):
-            raise ValueError(f"{out} was prepared with a {meta['vocab_size']}-token tokenizer, "
-                             f"this run uses {len(tokenizer)} tokens: pass another data_dir")
-        return out, meta
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_name)
-    splits = load_corpus(dataset, text_field=text_field, config=dataset_config)
-    return out, prepare_memmap(splits, tokenizer, out, val_fraction=val_fraction, source=dataset)
 
 
 def window_datasets(data_dir: Path, block_size: int, num_train_windows: int | None,

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a causal LM on (prompt, completion) pairs, and greedy evaluation.
 
-What the fine-tuning scripts share (``scripts/finetune_xsum.py``, ``scripts/finetune_gsm8k.py``):
+What the fine-tuning scripts share (``hf-ivonpc xsum``, ``hf-ivonpc gsm8k``):
 
 - :func:`load_causal_lm` / :func:`load_tokenizer`: a model and its tokenizer from a local folder or
   the Hub ("smollm2": the offline SmolLM2-135M-Instruct), with LoRA through peft on request.
@@ -37,12 +37,11 @@ def model_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(name_or_path: str):
-    """The model's tokenizer, right-padded for training, with EOS as pad token when it has none."""
-    from transformers import AutoTokenizer
+    """The model's tokenizer (:func:`hf_ivonpc.data.models.load_tokenizer`), right-padded for
+    training, with EOS as pad token when it has none."""
+    from ..data.models import load_tokenizer as load
 
-    from .cli import load_pretrained
-
-    tok = load_pretrained(AutoTokenizer, model_path(name_or_path), what="tokenizer")
+    tok = load(name_or_path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -56,7 +55,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     optimizer and get a posterior)."""
     from transformers import AutoModelForCausalLM
 
-    from .cli import load_pretrained
+    from ..data.models import load_pretrained
 
     kw = {"dtype": getattr(torch, dtype)}
     if attn_implementation:

@@ -2,7 +2,7 @@
 
 import torch
 
-from .._kernels import standard_normal_
+from .._random import standard_normal_
 
 
 def standard_normal_per_param(param_groups, generator):
