@@ -1,8 +1,8 @@
 """hf_ivonpc: variational training with posterior correction (IVON, IVON-PCM and the SVRG family)."""
 
+from ._version import __version__
 from .optim import IVON, IVONPC
 
-__version__ = "0.1.0"
 __all__ = ["IVON", "IVONPC", "PCTrainer", "PCTrainingArguments", "Posterior", "__version__"]
 
 

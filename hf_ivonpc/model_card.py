@@ -190,7 +190,7 @@ def render_model_card(trainer, posterior=None, *, language=None, license=None, t
     """The card's text for a PCTrainer (``posterior``: what is saved next to the weights)."""
     from huggingface_hub import ModelCardData
 
-    from . import __version__
+    from ._version import __version__
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     peft = getattr(model, "peft_config", None) is not None

@@ -227,7 +227,7 @@ class Posterior:
     # ------------------------------------------------------------------ saving
     def metadata(self) -> dict[str, str]:
         """The safetensors header metadata (strings)."""
-        from . import __version__
+        from ._version import __version__
         meta = {k: str(v) for k, v in self.extra_metadata.items()}
         meta.update({"format": "pt", FORMAT_KEY: str(FORMAT_VERSION), "method": self.method,
                      "step": json.dumps(self.step), "library_version": __version__,

@@ -24,7 +24,7 @@ A control run of IVON with beta2 = 0.99999 (h frozen at h0 over this horizon) sh
 horizon-aware default beta2 changes.
 
 Every finished run is kept in ``<out>/<regime>/runs/<hash>.json`` (small; committed), so an
-interrupted campaign resumes and a later session can report or extend it. Writes
+interrupted campaign resumes and a later run can report or extend it. Writes
 ``<out>/<regime>.json`` (summary + every run's curve), ``<regime>.md`` and ``<regime>.png``.
 """
 

@@ -1,15 +1,14 @@
-"""Run by tests/test_trainer_ddp.py under `accelerate launch --multi_gpu --num_processes 2` (CPU,
-gloo) and alone: trains on 8 windows and saves what each rank holds."""
+"""Run by tests/test_trainer_ddp.py under `accelerate launch` with the shipped DDP config on two CPU
+processes (gloo), and alone: trains on 8 windows and saves what each rank holds."""
 
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _tiny_lm import first_windows, tiny_gpt2  # noqa: E402
+from _tiny_lm import first_windows, tiny_gpt2   # this folder is on the path: the worker runs as a file
 
-from hf_ivonpc import PCTrainer, PCTrainingArguments  # noqa: E402
+from hf_ivonpc import PCTrainer, PCTrainingArguments
 
 
 def run(out: Path, method: str, steps: int, per_device: int, ess: float, accumulation: int = 1):

@@ -1,4 +1,4 @@
-"""PCTrainer on a tiny GPT-2 over a small real text (first part of the trainer issue)."""
+"""PCTrainer on a tiny GPT-2 over a small real text."""
 
 import pytest
 import torch

@@ -187,8 +187,8 @@ class GSM8kArguments:
     model_dtype: str = field(default="float32", metadata={
         "help": "dtype of the loaded base weights (bfloat16 halves an 8B model's memory; the LoRA "
                 "adapters and the optimizer state stay fp32)"})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
     dataset: str = field(default="gsm_symbolic", metadata={
         "help": "gsm_symbolic (offline, reasoning-gym; train and test from disjoint templates), "
                 "openai/gsm8k (Hub) or a local .jsonl file with question/answer"})

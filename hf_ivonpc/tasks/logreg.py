@@ -10,7 +10,7 @@ the outer loop is 1 epoch, a plain inner step ``batch/N``, a corrected inner ste
 (the mini-batch is evaluated at theta_in and at theta_out). Corrected methods refresh their outer
 statistics from the full training set every ``m = N/batch`` inner steps, so one outer iteration
 costs 1 + 2 = 3 epochs. The full batch is split into micro-batches of ``micro`` examples, each
-evaluated at its own posterior draw (PAPER_NOTES, item 3).
+evaluated at its own posterior draw (as the mega-batch of Alg. 4; docs/OPTIMIZERS.md).
 
 The training loss that is reported is always the full-batch ``L`` at the *mean* of the posterior
 (the parameters hold it outside ``sampled_params`` blocks). Every recorded point also holds the
@@ -53,7 +53,7 @@ LABELS = {"sgd": "SGD", "svrg": "SVRG", "ivon": "IVON", "ivon_pc": "IVON-PC",
 #: within 30 epochs, so the problems would not separate the methods; 1e-2 was fixed before any
 #: method's epochs-to-tolerance was compared
 DELTA = 1e-2
-#: IVON family, as in PAPER_NOTES: ess = N, h0 = 0.1, beta2 = 0.99999, lr is the step size
+#: IVON family (the paper's logistic-regression settings): ess = N, h0 = 0.1, beta2 = 0.99999, lr is the step size
 HESS_INIT = 0.1
 BETA1 = 0.9
 BETA2 = 0.99999

@@ -48,18 +48,19 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str | None = None,
+def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str = "auto",
                    lora: dict | None = None):
-    """``AutoModelForCausalLM`` from ``name_or_path``; wrapped by peft's LoRA when ``lora`` holds
+    """``AutoModelForCausalLM`` from ``name_or_path`` (attention: flash-attention 2 on a GPU where it
+    is installed, else sdpa, unless ``attn_implementation`` names one); wrapped by peft's LoRA when ``lora`` holds
     ``LoraConfig`` keywords (then only the adapters require gradients, so only they reach the
     optimizer and get a posterior)."""
     from transformers import AutoModelForCausalLM
 
     from ..data.models import load_pretrained
 
-    kw = {"dtype": getattr(torch, dtype)}
-    if attn_implementation:
-        kw["attn_implementation"] = attn_implementation
+    from .lm import attn_implementation as resolve_attn
+
+    kw = {"dtype": getattr(torch, dtype), "attn_implementation": resolve_attn(attn_implementation or "auto")}
     model = load_pretrained(AutoModelForCausalLM, model_path(name_or_path), what="model", **kw)
     if lora is not None:
         from peft import LoraConfig, get_peft_model

@@ -119,8 +119,8 @@ class XsumArguments:
                 "package (offline)"})
     model_dtype: str = field(default="float32", metadata={
         "help": "dtype of the loaded weights (float32 keeps fp32 weights under bf16 autocast)"})
-    attn_implementation: str | None = field(default=None, metadata={
-        "help": "attention kernel (sdpa, eager, flash_attention_2); default: transformers' choice"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
     dataset: str = field(default="aclsum", metadata={
         "help": "aclsum (offline: abstract -> one-sentence summary), EdinburghNLP/xsum (Hub), another "
                 "Hub data set or a local .jsonl file"})
