@@ -323,6 +323,51 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_sweeps(report: dict, path: Path) -> None:
+    """The Fig. 6 analogue: final loss against the refresh interval, and the validation curves of
+    each correction start beside IVON's (the "jump" after the start)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    spec, rows = report["spec"], report["sweeps"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    xs = sorted(rows["refresh"], key=float)
+    mean = [rows["refresh"][x]["final_eval_loss"]["mean"] for x in xs]
+    half = [rows["refresh"][x]["final_eval_loss"]["ci95"] for x in xs]
+    a.errorbar([float(x) for x in xs], mean, yerr=half, marker="o", capsize=3, label="IVON-PCM")
+    ivon = [r for r in report["runs"] if _name(r) == "ivon"]
+    ivon_final = mean_ci([r["final"]["eval_loss"] for r in ivon])
+    a.axhline(ivon_final["mean"], color="gray", ls="--", label="IVON")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("refresh interval m (steps)")
+    a.set_ylabel("final validation loss")
+    a.legend()
+    a.grid(alpha=0.3)
+    base = [r for r in report["runs"] if _name(r) == "ivon_pcm"]
+    shown = []
+    for v in sorted(rows["start_ratio"], key=float):
+        g = base if float(v) == spec["start_ratio"] else [
+            r for r in report["runs"] if r["cfg"].get("start_ratio") == float(v)]
+        steps = np.mean([[q["step"] for q in r["curve"]] for r in g], axis=0)
+        curve = np.mean([[q["eval_loss"] for q in r["curve"]] for r in g], axis=0)
+        shown.append(curve[2:])
+        b.plot(steps, curve, marker="o", ms=3, label=f"IVON-PCM, start {float(v):.0%}")
+    steps = np.mean([[q["step"] for q in r["curve"]] for r in ivon], axis=0)
+    b.plot(steps, np.mean([[q["eval_loss"] for q in r["curve"]] for r in ivon], axis=0), "k--", label="IVON")
+    tail = np.concatenate(shown)
+    b.set_ylim(tail.min() - 0.02, tail.max() + 0.02)
+    b.set_xlabel("optimizer steps")
+    b.set_ylabel("validation loss")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    fig.suptitle(f"regime {report['regime']}: IVON-PCM sweeps, mean over seeds {report['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def status(regime: str, out: Path) -> str:
     """Every finished run of a campaign that has not finished, as a table (tuning runs are on
     seed 1000 and are not results: they choose the settings)."""
@@ -400,6 +445,8 @@ def main(argv=None) -> dict:
     (out / f"{a.regime}.json").write_text(json.dumps(report, indent=1, default=str))
     (out / f"{a.regime}.md").write_text(markdown(report))
     plot(report, out / f"{a.regime}.png")
+    if sweeps:
+        plot_sweeps(report, out / f"{a.regime}_sweeps.png")
     print((out / f"{a.regime}.md").read_text())
     return report
 

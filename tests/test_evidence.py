@@ -82,6 +82,7 @@ def test_quick_campaign_reports_every_method_and_diagnostic(tmp_path):
     assert list(sw["refresh"]) == ["5", "10", "20", "40"] and list(sw["start_ratio"]) == ["0.2", "0.25", "0.75"]
     assert sw["refresh"]["10"]["final_eval_loss"] == s["methods"]["ivon_pcm"]["final_eval_loss"]
     assert sw["start_ratio"]["0.75"]["ivon_drop_there"]["n"] == 2
+    assert (tmp_path / "digits_sweeps.png").stat().st_size > 10_000   # the Fig. 6 analogue, plotted
     saved = json.loads((tmp_path / "digits.json").read_text())
     assert saved["summary"]["equal_examples"] == s["equal_examples"]
     # a second call trains nothing: every run comes from the cache, and --report_only agrees
