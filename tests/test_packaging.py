@@ -3,6 +3,7 @@ included) and the model-card template, declares the ``hf-ivonpc`` command, and, 
 the repository, finds its configs from any folder."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -19,7 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+    # from a copy of the sources: a build/ folder left in the checkout would leak stale files in
+    src = out / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "results",
+                                                             "docs", "tests", "__pycache__", ".ci"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
                            "-q", "-w", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     [whl] = out.glob("hf_ivonpc-*.whl")
