@@ -29,20 +29,25 @@ def groups_of(params):
     return [{"params": params[:3]}, {"params": params[3:], "lr": 0.05, "weight_decay": 0.0}]
 
 
+def _data_order(opt, n, steps, batch, mega):
+    """Per step: the mega-batch's micro-batches (when a refresh is due, else None) and the step's
+    batch indices, drawn from one fixed generator in that order."""
+    order = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        parts = torch.randperm(n, generator=order)[: mega[0]].chunk(mega[1]) if opt.needs_refresh else None
+        yield parts, torch.randint(0, n, (batch,), generator=order)
+
+
 def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1, loss=loss_fn):
     """The correction protocol on a fixed data order: `micro` micro-batches per step,
     a mega-batch of mega[0] examples in mega[1] micro-batches when a refresh is due."""
-    n = x.shape[0]
-    order = torch.Generator().manual_seed(7)
     losses = []
-    for t in range(steps):
-        if opt.needs_refresh:
-            idx = torch.randperm(n, generator=order)[: mega[0]]
+    for parts, idx in _data_order(opt, x.shape[0], steps, batch * micro, mega):
+        if parts is not None:
             with opt.refreshing():
-                for part in idx.chunk(mega[1]):
+                for part in parts:
                     with opt.sampled_params(train=True, at="mega"):
                         loss(params, x[part], y[part]).backward()
-        idx = torch.randint(0, n, (batch * micro,), generator=order)
         active = opt.correction_active
         for part in idx.chunk(micro):
             with opt.sampled_params(train=True):
@@ -59,13 +64,9 @@ def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1, loss=loss_fn
 def drive_closures(opt, params, steps, x, y, batch=8, mega=(32, 2), loss=loss_fn):
     """`drive` for the closure-based VON-PC (``refresh(closures)``, ``step(closure)``), on the
     same data order (one micro-batch per step)."""
-    n = x.shape[0]
-    order = torch.Generator().manual_seed(7)
     losses = []
-    for t in range(steps):
-        if opt.needs_refresh:
-            idx = torch.randperm(n, generator=order)[: mega[0]]
-            opt.refresh([lambda part=part: loss(params, x[part], y[part]) for part in idx.chunk(mega[1])])
-        idx = torch.randint(0, n, (batch,), generator=order)
+    for parts, idx in _data_order(opt, x.shape[0], steps, batch, mega):
+        if parts is not None:
+            opt.refresh([lambda part=part: loss(params, x[part], y[part]) for part in parts])
         losses.append(opt.step(lambda: loss(params, x[idx], y[idx])).item())
     return losses
