@@ -19,7 +19,8 @@ weights stored next to them (the model the optimizer stepped). Biases absent fro
 checkpoint trained with ``bias=False`` are written as zeros and carry no posterior.
 
 Output: ``GPT2LMHeadModel.save_pretrained`` (``model.safetensors`` + ``config.json``) and
-``posterior.safetensors`` with sigma = 1 / sqrt(ess (h + weight_decay)), h and the momentum.
+``posterior.safetensors`` with h and the momentum (sigma = 1 / sqrt(ess (h + weight_decay)) is
+recomputed on load).
 """
 
 from __future__ import annotations
@@ -131,12 +132,12 @@ def convert_authors_gpt2(src: str | os.PathLike, dst: str | os.PathLike, *,
     tmp = os.path.join(parent, f"_tmp-convert-{uuid.uuid4().hex[:8]}")
     try:
         model.save_pretrained(tmp)
-        post.save(tmp)
+        written = post.save(tmp)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    post.source = os.path.join(dst, "posterior.safetensors")
+    post.source = os.path.join(dst, os.path.basename(written))
     return post
 
 

@@ -4,20 +4,29 @@ The model's weights (``model.safetensors``, or ``adapter_model.safetensors`` for
 are the posterior mean m and load with plain ``from_pretrained``. ``posterior.safetensors`` holds,
 for every trainable parameter name ``n``, tensors of the parameter's shape:
 
-    std.<n>        sigma = 1 / sqrt(ess (h + delta)), the posterior standard deviation
     hess.<n>       h, IVON's Hessian estimate (what continues training)
     momentum.<n>   IVON's gradient momentum (optional)
 
-in fp32 (fp64 for fp64 models). Names are those of ``model.named_parameters()`` of the model that
-was trained: for a LoRA adapter trained as a ``PeftModel``, the PeftModel's names (e.g.
+in fp32 (fp64 for fp64 models). sigma = 1 / sqrt(ess (h + delta)), the posterior standard
+deviation, is not stored (format version 2): it is recomputed on load from h and the group's ess
+and weight decay exactly as the optimizer computes it (``sigma_from_hess``). Files of format
+version 1 also hold ``std.<n>`` (sigma); they still load (sigma is then read and checked).
+
+Names are those of ``model.named_parameters()`` of the model that was trained: for a LoRA adapter
+trained as a ``PeftModel``, the PeftModel's names (e.g.
 ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``), so the posterior loads
 back onto ``PeftModel.from_pretrained(base, path)`` or ``get_peft_model(base, config)`` built the
 same way (same adapter name). Only trainable parameters carry a posterior.
 
+Large posteriors are sharded as transformers shards weights: above ``max_shard_size`` (default
+"5GB") ``save`` writes ``posterior-00001-of-0000N.safetensors`` ... and
+``posterior.safetensors.index.json`` ({"metadata": {...header metadata..., "total_size": bytes},
+"weight_map": {tensor name: shard file}}); every shard's header carries the same metadata.
+
 The header's metadata (safetensors metadata is strings; values marked JSON are JSON):
 
     format               "pt" (as transformers writes it)
-    hf_ivonpc.posterior  format version, "1"
+    hf_ivonpc.posterior  format version, "2" (version 1, which also stored sigma, still loads)
     method               "ivon" or "ivon_pcm" (the optimizer that learned it)
     step                 JSON: optimizer steps taken (null when unknown, e.g. after conversion)
     library_version      hf_ivonpc's version that wrote the file
@@ -26,8 +35,13 @@ The header's metadata (safetensors metadata is strings; values marked JSON are J
                          "clip_radius", and for IVON-PCM "alpha", "rho1", "rho2", ...}
 
 Methods without a posterior (``pc_method`` "alpha_svrg" and "none") write no posterior file.
-Files are read with safetensors only (nothing is ever unpickled) and written atomically (a temp
-file in the same folder, then ``os.replace``: a crash while saving leaves the previous file).
+Files are read with safetensors only (nothing is ever unpickled), tensor by tensor, and written
+atomically (temp files in the same folder, then ``os.replace``: a crash while writing leaves the
+previous posterior). A sharded save writes every shard to a temp file first, then renames them
+into place and writes the index last; the previous index is removed before the renames only when
+a new shard would overwrite one of its files, so no index ever points to missing or foreign
+shards (a shard whose header differs from its index is refused on load). Stale files of the
+other layout, or of a previous save's shards, are removed after the new posterior is in place.
 
 Command line::
 
@@ -49,8 +63,12 @@ from typing import Any
 import torch
 
 POSTERIOR_NAME = "posterior.safetensors"
+POSTERIOR_INDEX_NAME = "posterior.safetensors.index.json"
 FORMAT_KEY = "hf_ivonpc.posterior"
-FORMAT_VERSION = 1
+#: 2: sigma is no longer stored (recomputed from h); version 1 files (with sigma) still load
+FORMAT_VERSION = 2
+#: the largest shard ``save`` writes when no max_shard_size is given (as transformers' default)
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 KINDS = ("std", "hess", "momentum")
 
 #: layer types of the summary, the first whose pattern matches a (lower-cased) parameter name
@@ -73,30 +91,171 @@ def layer_type(name: str) -> str:
     return "other"
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None], *,
+                 before_replace: Callable[[], None] | None = None) -> None:
     """``write(tmp)`` to a temp file in ``path``'s folder, then ``os.replace`` it onto ``path``.
 
     A crash while writing leaves the previous file intact. The temp name starts with ``_``, so a
-    leftover is never uploaded by ``Trainer.push_to_hub`` (which skips ``_*``)."""
+    leftover is never uploaded by ``Trainer.push_to_hub`` (which skips ``_*``). ``before_replace``
+    runs after the temp file is written and synced, just before the rename."""
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"_tmp-{os.path.basename(path)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = _tmp_name(folder, os.path.basename(path))
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync_file(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
-    with contextlib.suppress(OSError):   # make the rename durable where the platform allows it
+    _fsync_dir(folder)
+
+
+def _tmp_name(folder: str, name: str) -> str:
+    return os.path.join(folder, f"_tmp-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_file(file: str) -> None:
+    with open(file, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):   # make renames durable where the platform allows it
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def parse_shard_size(size: int | str) -> int:
+    """Bytes of a ``max_shard_size``: an int of bytes or a string like "5GB", "200MB", "1GiB"
+    (KB/MB/GB/TB are powers of 10, KiB/MiB/GiB/TiB powers of 2, as in transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kmgt]i?b|b)?\s*", size, flags=re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"max_shard_size={size!r} is invalid: accepted is an int of bytes or a "
+                             "string like '5GB', '200MB' or '1GiB'")
+        unit = (m.group(2) or "b").lower()
+        scale = 1 if unit == "b" else (1024 if "i" in unit else 1000) ** ("kmgt".index(unit[0]) + 1)
+        value = int(float(m.group(1)) * scale)
+    else:
+        raise ValueError(f"max_shard_size={size!r} is invalid: accepted is an int of bytes or a "
+                         "string like '5GB'")
+    if value < 1:
+        raise ValueError(f"max_shard_size={size!r} is invalid: accepted range is >= 1 byte")
+    return value
+
+
+def _layout_names(file: str) -> tuple[str, str, str, Callable[[str], bool]]:
+    """(folder, single file name, index name, is-a-shard-name) of a posterior written to ``file``."""
+    folder, base = os.path.split(os.path.abspath(file))
+    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    return folder, base, base + ".index.json", lambda name: pattern.fullmatch(name) is not None
+
+
+def find_posterior(folder: str | os.PathLike) -> str | None:
+    """The posterior of a folder: its index file (sharded), else ``posterior.safetensors``, else
+    None. The index wins when both exist: a save removes the other layout only once the new
+    posterior is in place, and a single-file save removes the index before its rename."""
+    for name in (POSTERIOR_INDEX_NAME, POSTERIOR_NAME):
+        path = os.path.join(os.fspath(folder), name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def remove_posterior(folder: str | os.PathLike) -> None:
+    """Remove a folder's posterior, either layout (the index first, so none points to nothing)."""
+    folder = os.fspath(folder)
+    _, single, index, is_shard = _layout_names(os.path.join(folder, POSTERIOR_NAME))
+    if not os.path.isdir(folder):
+        return
+    names = [index] + sorted(n for n in os.listdir(folder) if is_shard(n)) + [single]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+
+
+def copy_posterior(src_folder: str | os.PathLike, dst_folder: str | os.PathLike) -> str:
+    """Copy a folder's posterior (either layout) into another folder, as atomically as ``save``.
+    Returns the written file (the single file or the index)."""
+    import shutil
+    src = find_posterior(src_folder)
+    if src is None:
+        raise FileNotFoundError(f"{src_folder} holds no {POSTERIOR_NAME} nor {POSTERIOR_INDEX_NAME}")
+    dst = os.path.join(os.fspath(dst_folder), POSTERIOR_NAME)
+    if os.path.basename(src) == POSTERIOR_NAME:
+        return _commit_single(dst, lambda tmp: shutil.copyfile(src, tmp))
+    with open(src, encoding="utf-8") as f:
+        index = json.load(f)
+    shards = sorted(set(index["weight_map"].values()))
+    sdir = os.path.dirname(src)
+    return _commit_sharded(dst, [(n, lambda tmp, n=n: shutil.copyfile(os.path.join(sdir, n), tmp))
+                                 for n in shards], json.dumps(index, indent=2) + "\n")
+
+
+def _write_text(file: str, text: str) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _commit_single(file: str, write: Callable[[str], None]) -> str:
+    """Write the single-file layout atomically; then remove the sharded layout's stale files."""
+    folder, _, index, is_shard = _layout_names(file)
+
+    def drop_index():   # the index would win over the new file: gone before the rename
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, index))
+    atomic_write(file, write, before_replace=drop_index)
+    for name in os.listdir(folder):
+        if is_shard(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    return os.path.abspath(file)
+
+
+def _commit_sharded(file: str, shards: list[tuple[str, Callable[[str], None]]], index_text: str) -> str:
+    """Write every shard to a temp file, rename them into place, write the index last; then
+    remove the single file and the shards of a previous save that the new index does not name."""
+    folder, single, index, is_shard = _layout_names(file)
+    os.makedirs(folder, exist_ok=True)
+    tmps: list[tuple[str, str]] = []
+    try:
+        for name, write in shards:
+            tmp = _tmp_name(folder, name)
+            tmps.append((tmp, name))
+            write(tmp)
+            _fsync_file(tmp)
+        if any(os.path.exists(os.path.join(folder, name)) for _, name in tmps):
+            # a new shard replaces a file the previous index may name: drop that index first
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, index))
+        while tmps:
+            tmp, name = tmps[0]
+            os.replace(tmp, os.path.join(folder, name))
+            tmps.pop(0)
+        _fsync_dir(folder)
+        atomic_write(os.path.join(folder, index), lambda tmp: _write_text(tmp, index_text))
+    except BaseException:
+        for tmp, _ in tmps:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+        raise
+    keep = {name for name, _ in shards}
+    for name in os.listdir(folder):
+        if name == single or (is_shard(name) and name not in keep):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+    return os.path.join(folder, index)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -152,18 +311,20 @@ class Posterior:
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, model: torch.nn.Module | None = None,
                         *, subfolder: str | None = None, revision: str | None = None,
                         token: str | bool | None = None, cache_dir: str | None = None) -> Posterior:
-        """Load ``posterior.safetensors`` from a folder, a file, or a Hub repository.
+        """Load a posterior from a folder, a file (``posterior.safetensors`` or the sharded
+        layout's ``posterior.safetensors.index.json``), or a Hub repository; either layout, and
+        format version 1 (sigma stored) or 2 (sigma recomputed from h).
 
         With ``model`` the names, shapes and dtypes are also checked against it. Raises
         FileNotFoundError when there is no posterior file and ValueError when the file is not a
         valid posterior (corrupt or truncated, not safetensors, inconsistent, or mismatched)."""
         file = _resolve(path_or_repo_id, subfolder, revision, token, cache_dir)
-        meta, tensors = _read_safetensors(file)
+        meta, tensors = (_read_index(file) if file.endswith(".index.json") else _read_safetensors(file))
         version = meta.get(FORMAT_KEY)
         if version is None:
             raise ValueError(f"{file} is a safetensors file but not a posterior: its header has no "
                              f"'{FORMAT_KEY}' entry (expected a file written by hf_ivonpc)")
-        if not (version.isdigit() and 1 <= int(version)):
+        if not (isinstance(version, str) and version.isdigit() and 1 <= int(version)):
             raise ValueError(f"{file}: header entry {FORMAT_KEY}={version!r} is invalid: "
                              "expected a format version, an integer >= 1")
         if int(version) > FORMAT_VERSION:
@@ -175,13 +336,19 @@ class Posterior:
         if method is None:
             raise ValueError(f"{file}: the header has no 'method' entry")
         by_kind: dict[str, dict[str, torch.Tensor]] = {k: {} for k in KINDS}
-        for key, t in tensors.items():
+        for key, t in tensors:
             kind, _, name = key.partition(".")
             if kind not in by_kind or not name:
                 raise ValueError(f"{file} holds an unexpected tensor {key!r}: expected keys "
                                  f"'<kind>.<parameter name>' with kind one of {KINDS}")
             by_kind[kind][name] = t
-        known = {FORMAT_KEY, "format", "groups", "step", "method", "library_version"}
+        if not by_kind["std"] and int(version) >= 2:
+            # sigma is not stored: recompute it exactly as the optimizer does
+            from .optim.ivon import sigma_from_hess
+            groups = _check_groups(groups, file)
+            by_kind["std"] = {n: sigma_from_hess(by_kind["hess"][n], g)
+                              for g in groups for n in g["params"] if n in by_kind["hess"]}
+        known = {FORMAT_KEY, "format", "groups", "step", "method", "library_version", "total_size"}
         extra = {k: v for k, v in meta.items() if k not in known}
         extra["library_version"] = meta.get("library_version", "unknown")
         post = cls(by_kind["std"], by_kind["hess"], groups, momentum=by_kind["momentum"],
@@ -234,19 +401,52 @@ class Posterior:
                      "groups": json.dumps(self.groups)})
         return meta
 
-    def save(self, save_directory_or_file: str | os.PathLike) -> str:
-        """Write ``posterior.safetensors`` into a folder (or to a ``.safetensors`` path), atomically.
-        Returns the file's path."""
-        from safetensors.torch import save_file
+    def save(self, save_directory_or_file: str | os.PathLike, *,
+             max_shard_size: int | str | None = None) -> str:
+        """Write the posterior into a folder (or to a ``.safetensors`` path), atomically: h and the
+        momentum (sigma follows from h and is not stored). Up to ``max_shard_size`` (an int of
+        bytes or a string like "200MB"; default ``DEFAULT_MAX_SHARD_SIZE``, "5GB") one
+        ``posterior.safetensors``; above it shards and ``posterior.safetensors.index.json``.
+        Returns the single file's or the index's path."""
         path = os.fspath(save_directory_or_file)
         file = path if path.endswith(".safetensors") else os.path.join(path, POSTERIOR_NAME)
-        tensors = {}
-        for kind, table in (("std", self.std), ("hess", self.hess), ("momentum", self.momentum)):
-            for n in self.names if table else ():
-                tensors[f"{kind}.{n}"] = table[n].detach().to("cpu").contiguous()
+        limit = parse_shard_size(DEFAULT_MAX_SHARD_SIZE if max_shard_size is None else max_shard_size)
+        tensors = []
+        for n in self.names:   # a parameter's h and momentum side by side
+            tensors.append((f"hess.{n}", self.hess[n]))
+            if self.momentum:
+                tensors.append((f"momentum.{n}", self.momentum[n]))
+        shards: list[list[tuple[str, torch.Tensor]]] = [[]]
+        size = total = 0
+        for key, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, t))
+            size += nbytes
+            total += nbytes
         meta = self.metadata()
-        atomic_write(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        return file
+
+        def writer(shard):
+            def write(tmp):
+                from safetensors.torch import save_file   # looked up when called (tests patch it)
+                save_file({k: t.detach().to("cpu").contiguous() for k, t in shard}, tmp, metadata=meta)
+            return write
+        if len(shards) == 1:
+            return _commit_single(file, writer(shards[0]))
+        stem = os.path.basename(file)[: -len(".safetensors")]
+        names = [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        index = {"metadata": {**meta, "total_size": total},
+                 "weight_map": {k: name for name, shard in zip(names, shards) for k, _ in shard}}
+        return _commit_sharded(file, [(name, writer(shard)) for name, shard in zip(names, shards)],
+                               json.dumps(index, indent=2) + "\n")
+
+    def save_pretrained(self, save_directory: str | os.PathLike,
+                        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
+        """``save`` under transformers' name: into ``save_directory``, sharded above
+        ``max_shard_size``."""
+        return self.save(save_directory, max_shard_size=max_shard_size)
 
     # ------------------------------------------------------------------ use
     def group_of(self, name: str) -> dict:
@@ -430,7 +630,7 @@ class Posterior:
     def _check_tensors(self) -> None:
         src = self.source
         known = set(self.names)
-        for kind, table in (("std", self.std), ("hess", self.hess), ("momentum", self.momentum)):
+        for kind, table in (("hess", self.hess), ("std", self.std), ("momentum", self.momentum)):
             if kind == "momentum" and not table:
                 continue
             missing = [n for n in self.names if n not in table]
@@ -446,9 +646,9 @@ class Posterior:
                 if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
                     raise ValueError(f"{src}: '{kind}.{n}' has dtype {getattr(t, 'dtype', type(t))}: "
                                      "expected a floating point tensor")
-                if t.shape != self.std[n].shape:
-                    raise ValueError(f"{src}: '{kind}.{n}' has shape {tuple(t.shape)}, 'std.{n}' "
-                                     f"{tuple(self.std[n].shape)}: expected equal shapes")
+                if t.shape != self.hess[n].shape:
+                    raise ValueError(f"{src}: '{kind}.{n}' has shape {tuple(t.shape)}, 'hess.{n}' "
+                                     f"{tuple(self.hess[n].shape)}: expected equal shapes")
         for g in self.groups:
             for n in g["params"]:
                 s, h = self.std[n].double(), self.hess[n].double()
@@ -498,32 +698,96 @@ def _resolve(path_or_repo_id, subfolder, revision, token, cache_dir) -> str:
     if os.path.isfile(p):
         return p
     if os.path.isdir(p):
-        file = os.path.join(p, subfolder or "", POSTERIOR_NAME)
-        if not os.path.isfile(file):
+        file = find_posterior(os.path.join(p, subfolder or ""))
+        if file is None:
             raise FileNotFoundError(
-                f"{p} holds no {os.path.join(subfolder or '', POSTERIOR_NAME)}: PCTrainer writes one "
+                f"{p} holds no {os.path.join(subfolder or '', POSTERIOR_NAME)} (nor a sharded "
+                f"{POSTERIOR_INDEX_NAME}): PCTrainer writes one "
                 "for pc_method 'ivon' and 'ivon_pcm' only (alpha_svrg and plain optimizers learn no "
                 "posterior); the authors' GPT-2 layout converts with "
                 "`hf-ivonpc posterior convert SRC DST`")
         return file
-    from huggingface_hub import hf_hub_download
     try:
-        return hf_hub_download(p, POSTERIOR_NAME, subfolder=subfolder, revision=revision,
-                               token=token, cache_dir=cache_dir)
+        return hub_posterior(p, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
     except Exception as e:  # not a repo id, offline, missing file: say which
         raise FileNotFoundError(f"path_or_repo_id={p!r} is neither a local file or folder nor a Hub "
-                                f"repository holding {POSTERIOR_NAME} ({type(e).__name__}: {e})") from e
+                                f"repository holding {POSTERIOR_NAME} or {POSTERIOR_INDEX_NAME} "
+                                f"({type(e).__name__}: {e})") from e
 
 
-def _read_safetensors(file: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def hub_posterior(repo_id: str, *, subfolder: str | None = None, revision: str | None = None,
+                  token: str | bool | None = None, cache_dir: str | None = None) -> str:
+    """The local path of a Hub repository's posterior, through the Hub cache: its
+    ``posterior.safetensors``, else its ``posterior.safetensors.index.json`` (whose shards are
+    downloaded beside it). Raises huggingface_hub's EntryNotFoundError when the repository has
+    neither (LocalEntryNotFoundError offline, when neither is cached)."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    kw = dict(subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir)
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, POSTERIOR_NAME, **kw)
+    except LocalEntryNotFoundError:   # offline, or not reachable: a cached index still serves
+        cached = huggingface_hub.try_to_load_from_cache(
+            repo_id, "/".join(x for x in (subfolder, POSTERIOR_INDEX_NAME) if x),
+            cache_dir=cache_dir, revision=revision)
+        if not isinstance(cached, str):
+            raise
+        index = cached
+    except EntryNotFoundError:        # the repository has no single file: a sharded posterior?
+        index = huggingface_hub.hf_hub_download(repo_id, POSTERIOR_INDEX_NAME, **kw)
+    try:
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except Exception as e:
+        raise ValueError(f"{index} is not a valid posterior index ({type(e).__name__}: {e})") from e
+    for shard in shards:
+        huggingface_hub.hf_hub_download(repo_id, shard, **kw)
+    return index
+
+
+def _read_safetensors(file: str) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
+    """(header metadata, [(key, tensor)]), read tensor by tensor."""
     from safetensors import safe_open
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = [(k, f.get_tensor(k)) for k in f.keys()]
     except Exception as e:  # SafetensorError (bad header, truncated data) or OSError
         raise ValueError(f"{file} is not a valid safetensors file ({type(e).__name__}: {e}). "
                          "A posterior is read with safetensors only; nothing is unpickled") from e
+    return meta, tensors
+
+
+def _read_index(file: str) -> tuple[dict[str, str], list[tuple[str, torch.Tensor]]]:
+    """(the index's metadata, [(key, tensor)]) of a sharded posterior: each shard is read tensor
+    by tensor, and must hold exactly the tensors the index names for it, with the same header."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            index = json.load(f)
+        meta, weight_map = dict(index["metadata"]), index["weight_map"]
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) and os.path.basename(v) == v for v in weight_map.values())):
+            raise ValueError("weight_map must map tensor names to shard file names in its folder")
+    except Exception as e:
+        raise ValueError(f"{file} is not a valid posterior index: expected JSON {{'metadata': {{...}}, "
+                         f"'weight_map': {{tensor: shard file}}}} ({type(e).__name__}: {e})") from e
+    meta.pop("total_size", None)
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    folder = os.path.dirname(os.path.abspath(file))
+    tensors: list[tuple[str, torch.Tensor]] = []
+    for shard, keys in by_shard.items():
+        path = os.path.join(folder, shard)
+        if not os.path.isfile(path):
+            raise ValueError(f"{file} names shard {shard}, which is missing from {folder}")
+        shard_meta, shard_tensors = _read_safetensors(path)
+        if shard_meta != meta:
+            raise ValueError(f"{path}'s header differs from its index {file}: the shard belongs to "
+                             "another save")
+        if sorted(k for k, _ in shard_tensors) != sorted(keys):
+            raise ValueError(f"{path} does not hold the tensors its index {file} names for it")
+        tensors.extend(shard_tensors)
     return meta, tensors
 
 

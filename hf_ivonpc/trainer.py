@@ -437,30 +437,27 @@ class PCTrainer(Trainer):
 
     def _save_posterior(self, output_dir: str, gathered) -> None:
         import os
-        import shutil
 
         from transformers.utils import logging
 
-        from .posterior import POSTERIOR_NAME, atomic_write
-        target = os.path.join(output_dir, POSTERIOR_NAME)
+        from .posterior import copy_posterior, find_posterior, remove_posterior
         post, match = gathered
         if post is not None and not match:
             # the weights were replaced after the last step (load_best_model_at_end): the
             # posterior that belongs to them is the one saved with them
             best = self.state.best_model_checkpoint
-            src = os.path.join(best, POSTERIOR_NAME) if best else ""
-            if os.path.isfile(src) and os.path.abspath(src) != os.path.abspath(target):
-                atomic_write(target, lambda tmp: shutil.copyfile(src, tmp))
+            src = find_posterior(best) if best else None
+            if src is not None and os.path.abspath(best) != os.path.abspath(output_dir):
+                copy_posterior(best, output_dir)
                 return
             logging.get_logger(__name__).warning(
                 "posterior.safetensors not written to %s: the weights differ from the optimizer's "
                 "posterior mean and no saved posterior belongs to them", output_dir)
             post = None
         if post is None:
-            if os.path.isfile(target):   # a stale file would describe other weights
-                os.remove(target)
+            remove_posterior(output_dir)   # a stale posterior would describe other weights
             return
-        post.save(target)
+        post.save(output_dir)
 
     def create_model_card(self, language=None, license=None, tags=None, model_name=None,
                           finetuned_from=None, tasks=None, dataset_tags=None, dataset=None,
@@ -476,9 +473,9 @@ class PCTrainer(Trainer):
         from pathlib import Path
 
         from .model_card import render_model_card
-        from .posterior import POSTERIOR_NAME, Posterior, atomic_write
-        file = os.path.join(self.args.output_dir, POSTERIOR_NAME)
-        posterior = Posterior.from_pretrained(file) if os.path.isfile(file) else None
+        from .posterior import Posterior, atomic_write, find_posterior
+        file = find_posterior(self.args.output_dir)
+        posterior = Posterior.from_pretrained(file) if file is not None else None
         text = render_model_card(self, posterior, language=language, license=license, tags=tags,
                                  model_name=model_name, finetuned_from=finetuned_from, tasks=tasks,
                                  dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args)
@@ -489,20 +486,15 @@ class PCTrainer(Trainer):
         """Trainer copies only the model's files from the checkpoint into ``output_dir`` and then
         uploads ``output_dir``: copy the checkpoint's posterior too and write the card first, so
         that model, posterior and card are pushed together."""
-        import os
-        import shutil
-
         from transformers.trainer_utils import HubStrategy
 
-        from .posterior import POSTERIOR_NAME, atomic_write
+        from .posterior import copy_posterior, find_posterior, remove_posterior
         args, in_progress = self.args, getattr(self, "push_in_progress", None)
         if (self.is_world_process_zero() and args.hub_strategy != HubStrategy.END
                 and (args.hub_always_push or in_progress is None or in_progress.is_done())):
-            src = os.path.join(checkpoint_folder, POSTERIOR_NAME)
-            dst = os.path.join(args.output_dir, POSTERIOR_NAME)
-            if os.path.isfile(src):
-                atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
-            elif os.path.isfile(dst):
-                os.remove(dst)
+            if find_posterior(checkpoint_folder) is not None:
+                copy_posterior(checkpoint_folder, args.output_dir)
+            else:
+                remove_posterior(args.output_dir)
             self.create_model_card()
         super()._push_from_checkpoint(checkpoint_folder)

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments, Posterior
-from hf_ivonpc.posterior import POSTERIOR_NAME, layer_type
+from hf_ivonpc.posterior import POSTERIOR_INDEX_NAME, POSTERIOR_NAME, layer_type
 
 from _tiny_lm import VOCAB, CharWindows, tiny_gpt2
 
@@ -34,13 +34,27 @@ def _batch(n=4):
     return {"input_ids": torch.stack([CharWindows("val")[i]["input_ids"] for i in range(n)])}
 
 
-def _toy_posterior(model, ess=100.0, wd=1e-3, seed=0):
+def _toy_posterior(model, ess=100.0, wd=1e-3, seed=0, momentum=False):
     """A posterior over every parameter of ``model`` with random h (no training needed)."""
     g = torch.Generator().manual_seed(seed)
     names = [n for n, _ in model.named_parameters()]
     hess = {n: torch.rand(p.shape, generator=g) + 0.1 for n, p in model.named_parameters()}
+    mom = {n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} if momentum else None
     std = {n: h.add(wd).mul(ess).rsqrt() for n, h in hess.items()}
-    return Posterior(std, hess, [{"params": names, "ess": ess, "weight_decay": wd}], method="ivon", step=0)
+    return Posterior(std, hess, [{"params": names, "ess": ess, "weight_decay": wd}], momentum=mom,
+                     method="ivon", step=0)
+
+
+def _save_v1(post, folder):
+    """``posterior.safetensors`` as format version 1 wrote it: std (sigma), hess and momentum."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for kind, table in (("std", post.std), ("hess", post.hess), ("momentum", post.momentum)):
+        for n in post.names if table else ():
+            tensors[f"{kind}.{n}"] = table[n].contiguous()
+    save_file(tensors, folder / POSTERIOR_NAME, metadata={**post.metadata(), "hf_ivonpc.posterior": "1"})
+    return folder / POSTERIOR_NAME
 
 
 # ---------------------------------------------------------------------------- round trip
@@ -177,15 +191,20 @@ def test_corrupt_or_mismatched_files_are_refused(tmp_path):
     missing = {k: v for k, v in tensors.items() if k != "hess.transformer.h.0.ln_1.weight"}
     with pytest.raises(ValueError, match="have no 'hess' tensor.*transformer.h.0.ln_1.weight"):
         Posterior.from_pretrained(variant("missing", tensors=missing))
-    reshaped = {**tensors, "std.transformer.wpe.weight": tensors["std.transformer.wpe.weight"][:3].contiguous()}
-    with pytest.raises(ValueError, match="transformer.wpe.weight' has shape"):
-        Posterior.from_pretrained(variant("shape", tensors=reshaped))
-    as_int = {**tensors, "std.transformer.wpe.weight": torch.ones(32, 32, dtype=torch.int32)}
+    as_int = {**tensors, "hess.transformer.wpe.weight": torch.ones(32, 32, dtype=torch.int32)}
     with pytest.raises(ValueError, match="dtype torch.int32: expected a floating point"):
         Posterior.from_pretrained(variant("dtype", tensors=as_int))
-    wrong_sigma = {**tensors, "std.transformer.wpe.weight": tensors["std.transformer.wpe.weight"] * 2}
+    # format version 1 stored sigma beside h: it must have h's shape and equal sigma(h)
+    v1 = tmp_path / "v1"
+    meta1, tensors1 = _header(_save_v1(_toy_posterior(model), v1)), load_file(v1 / POSTERIOR_NAME)
+    reshaped = {**tensors1, "std.transformer.wpe.weight": tensors1["std.transformer.wpe.weight"][:3].contiguous()}
+    with pytest.raises(ValueError, match="transformer.wpe.weight' has shape"):
+        Posterior.from_pretrained(variant("shape", tensors=reshaped, meta=meta1))
+    wrong_sigma = {**tensors1, "std.transformer.wpe.weight": tensors1["std.transformer.wpe.weight"] * 2}
     with pytest.raises(ValueError, match="is not 1 / sqrt"):
-        Posterior.from_pretrained(variant("sigma", tensors=wrong_sigma))
+        Posterior.from_pretrained(variant("sigma", tensors=wrong_sigma, meta=meta1))
+    with pytest.raises(ValueError, match="have no 'std' tensor"):      # version 1 without sigma
+        Posterior.from_pretrained(variant("v1_no_std", tensors=tensors, meta={**meta, "hf_ivonpc.posterior": "1"}))
     no_format = {k: v for k, v in meta.items() if k != "hf_ivonpc.posterior"}
     with pytest.raises(ValueError, match="not a posterior"):
         Posterior.from_pretrained(variant("format", meta=no_format))
@@ -240,6 +259,173 @@ def test_a_crash_while_saving_leaves_the_previous_file(tmp_path, monkeypatch):
         _toy_posterior(model, seed=1).save(tmp_path)
     assert (tmp_path / POSTERIOR_NAME).read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == [POSTERIOR_NAME]        # no temp file left either
+
+
+# ---------------------------------------------------------------------------- layouts
+def _equal(a, b):
+    assert a.names == b.names
+    for kind in ("std", "hess", "momentum"):
+        ta, tb = getattr(a, kind), getattr(b, kind)
+        assert set(ta) == set(tb), kind
+        for n in ta:
+            assert torch.equal(ta[n], tb[n]), (kind, n)
+
+
+def test_new_files_hold_no_sigma_and_sigma_is_recomputed_exactly(tmp_path):
+    from hf_ivonpc.optim import IVON
+    model = tiny_gpt2()
+    opt = IVON(model.parameters(), lr=0.1, ess=100.0, hess_init=0.5, weight_decay=1e-3)
+    with torch.no_grad():
+        for p in model.parameters():
+            opt.state[p]["hess"].uniform_(0.01, 3.0)
+    post = Posterior.from_optimizer(opt, model)
+    file = post.save(tmp_path)
+    keys = set(load_file(file))
+    assert keys == {f"{k}.{n}" for k in ("hess", "momentum") for n in post.names}   # no std.*
+    assert _header(file)["hf_ivonpc.posterior"] == "2"
+    loaded = Posterior.from_pretrained(tmp_path, model=model)
+    _equal(loaded, post)                 # sigma bit for bit the optimizer's (torch.equal)
+    for s, n in zip(opt.posterior_std(), post.names):
+        assert torch.equal(loaded.std[n], s), n
+
+
+def test_the_old_layout_with_sigma_still_loads(tmp_path):
+    model = tiny_gpt2()
+    post = _toy_posterior(model, momentum=True)
+    file = _save_v1(post, tmp_path / "old")
+    assert any(k.startswith("std.") for k in load_file(file))
+    loaded = Posterior.from_pretrained(tmp_path / "old", model=model)
+    _equal(loaded, post)
+    assert loaded.step == 0 and loaded.method == "ivon"
+    from hf_ivonpc.tasks import continual
+    assert continual.posterior_file(str(tmp_path / "old")) == str(file)
+
+
+def test_sharded_save_round_trips_and_equals_the_single_file(tmp_path, capsys):
+    model = tiny_gpt2()
+    post = _toy_posterior(model, momentum=True)
+    single = Path(post.save(tmp_path / "one"))
+    assert single.name == POSTERIOR_NAME and sorted(os.listdir(tmp_path / "one")) == [POSTERIOR_NAME]
+    index_file = Path(post.save_pretrained(tmp_path / "many", max_shard_size="40KB"))
+    assert index_file.name == POSTERIOR_INDEX_NAME
+    import json
+    index = json.loads(index_file.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    n = len(shards)
+    assert n >= 4
+    assert shards == [f"posterior-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(os.listdir(tmp_path / "many")) == sorted([POSTERIOR_INDEX_NAME, *shards])
+    assert set(index["weight_map"]) == set(load_file(single))
+    assert not [k for k in index["weight_map"] if k.startswith("std.")]
+    total = 0
+    for shard in shards:
+        tensors = load_file(tmp_path / "many" / shard)
+        assert {k for k, v in index["weight_map"].items() if v == shard} == set(tensors)
+        assert sum(t.numel() * t.element_size() for t in tensors.values()) <= 40_000 or len(tensors) == 1
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        # every shard's header carries the metadata (format version, method, groups, step, ...)
+        assert _header(tmp_path / "many" / shard) == _header(single)
+    assert index["metadata"] == {**_header(single), "total_size": total}
+    # loads from the folder and from the index file itself, equal to the single file's posterior
+    one = Posterior.from_pretrained(tmp_path / "one", model=model)
+    for where in (tmp_path / "many", index_file):
+        many = Posterior.from_pretrained(where, model=model)
+        _equal(many, one)
+        _equal(many, post)
+        assert many.step == 0 and many.groups == one.groups
+    from hf_ivonpc.tasks import continual
+    from hf_ivonpc.tasks.posterior import main
+    assert continual.posterior_file(str(tmp_path / "many")) == str(index_file)
+    assert main(["info", str(tmp_path / "many")]) in (0, None)
+    assert "method: ivon   step: 0" in capsys.readouterr().out
+    # an int of bytes; then fewer shards replace more, then one file replaces the shards
+    post.save(tmp_path / "many", max_shard_size=125_000)
+    left = sorted(os.listdir(tmp_path / "many"))
+    assert POSTERIOR_INDEX_NAME in left and len(left) == 3 and "-00002-of-00002" in left[1]
+    _equal(Posterior.from_pretrained(tmp_path / "many"), post)
+    post.save(tmp_path / "many")
+    assert sorted(os.listdir(tmp_path / "many")) == [POSTERIOR_NAME]
+    for bad in ("5 parsecs", 0, -1, True):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            post.save(tmp_path / "bad", max_shard_size=bad)
+
+
+def test_a_shard_of_another_save_or_a_missing_shard_is_refused(tmp_path):
+    import shutil
+    model = tiny_gpt2()
+    _toy_posterior(model, seed=0).save(tmp_path / "a", max_shard_size="40KB")
+    post1 = _toy_posterior(model, seed=1)
+    post1.step = 5
+    post1.save(tmp_path / "b", max_shard_size="40KB")
+    shard = sorted(os.listdir(tmp_path / "b"))[0]
+    assert shard.startswith("posterior-00001-of-") and set(os.listdir(tmp_path / "b")) == set(os.listdir(tmp_path / "a"))
+    shutil.copyfile(tmp_path / "b" / shard, tmp_path / "a" / shard)
+    with pytest.raises(ValueError, match="belongs to another save"):
+        Posterior.from_pretrained(tmp_path / "a")
+    os.remove(tmp_path / "a" / shard)
+    with pytest.raises(ValueError, match="missing"):
+        Posterior.from_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("previous", ["single", "same_shards", "other_shards"])
+def test_a_sharded_save_interrupted_after_some_shards_leaves_the_previous_posterior(tmp_path, monkeypatch, previous):
+    import safetensors.torch
+    model = tiny_gpt2()
+    old = _toy_posterior(model, seed=0, momentum=True)
+    old.save(tmp_path, max_shard_size={"single": "5GB", "same_shards": "40KB", "other_shards": "100KB"}[previous])
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    real, calls = safetensors.torch.save_file, []
+
+    def crash_on_the_third(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            Path(filename).write_bytes(b"half a shard")
+            raise KeyboardInterrupt("killed while saving")
+        real(tensors, filename, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        _toy_posterior(model, seed=1, momentum=True).save(tmp_path, max_shard_size="40KB")
+    assert len(calls) == 3
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before   # no temp file left
+    _equal(Posterior.from_pretrained(tmp_path, model=model), old)
+
+
+def test_the_hub_serves_a_sharded_posterior(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    model = tiny_gpt2()
+    post = _toy_posterior(model, momentum=True)
+    post.save(tmp_path / "repo", max_shard_size="40KB")
+    asked = []
+
+    def download(repo_id, filename, subfolder=None, **kw):
+        asked.append(filename)
+        if not (tmp_path / "repo" / filename).is_file():
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        return str(tmp_path / "repo" / filename)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    _equal(Posterior.from_pretrained("org/sharded", model=model), post)
+    assert asked[:2] == [POSTERIOR_NAME, POSTERIOR_INDEX_NAME] and len(asked) > 3
+    from hf_ivonpc.tasks import continual
+    assert continual.posterior_file("org/sharded") == str(tmp_path / "repo" / POSTERIOR_INDEX_NAME)
+
+
+def test_push_to_hub_uploads_the_shards_and_the_index(tmp_path, monkeypatch):
+    import hf_ivonpc.posterior
+    monkeypatch.setattr(hf_ivonpc.posterior, "DEFAULT_MAX_SHARD_SIZE", "40KB")
+    hub = _FakeHub()
+    trainer = _hub_trainer(tmp_path, monkeypatch, hub, "ivon", max_steps=3)
+    trainer.train()
+    trainer.push_to_hub()
+    root_push, ckpt_push = hub.uploads[:2]       # the checkpoint's shards copied to output_dir
+    path, final, contents = hub.uploads[-1]
+    for files in (root_push[1], ckpt_push[1], final):
+        shards = [f for f in files if f.startswith("posterior-")]
+        assert POSTERIOR_INDEX_NAME in files and POSTERIOR_NAME not in files and len(shards) >= 3
+    post = Posterior.from_pretrained(tmp_path, model=trainer.model)
+    assert post.step == 3
+    assert contents[POSTERIOR_INDEX_NAME] == (tmp_path / POSTERIOR_INDEX_NAME).read_bytes()
+    assert "| attention |" in contents["README.md"].decode()
 
 
 # ---------------------------------------------------------------------------- LoRA

@@ -94,18 +94,17 @@ def main(argv=None) -> dict:
 
 
 def posterior_file(name: str) -> str | None:
-    """The ``posterior.safetensors`` of a model folder or Hub repository, or None when it has
-    none (a repository without the file, or, offline, one whose file is not in the cache)."""
-    from ..posterior import POSTERIOR_NAME
+    """The posterior of a model folder or Hub repository: its ``posterior.safetensors`` or, for a
+    sharded posterior, its ``posterior.safetensors.index.json`` (shards downloaded beside it);
+    None when it has none (a repository without either, or, offline, one not in the cache)."""
+    from ..posterior import find_posterior, hub_posterior
 
     if Path(name).is_dir():
-        path = Path(name) / POSTERIOR_NAME
-        return str(path) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
+        return find_posterior(name)
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        return hf_hub_download(name, POSTERIOR_NAME)
+        return hub_posterior(name)
     except EntryNotFoundError:   # the repository has no posterior (remote), or it is not cached (offline)
         return None
 
