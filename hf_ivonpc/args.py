@@ -67,6 +67,7 @@ class PCTrainingArguments(TrainingArguments):
     pc_start_ratio: float = _hp("pc_start_ratio")
     pc_mean_term_weight: float = _hp("pc_mean_term_weight")
     pc_shared_noise: bool = _hp("pc_shared_noise")
+    pc_state_dtype: str = _hp("pc_state_dtype")
     pc_log_diagnostics: bool = _hp("pc_log_diagnostics")
     eval_mc_samples: int = _hp("eval_mc_samples")
 

@@ -81,10 +81,11 @@ def test_trainer_builds_the_optimizer_with_the_tables_defaults(tmp_path, method)
 def test_trainer_passes_every_field_to_the_optimizer(tmp_path):
     over = dict(ivon_hess_init=0.02, ivon_beta1=0.8, ivon_beta2=0.999, ivon_clip_radius=0.5,
                 pc_alpha=0.7, pc_rho1=0.3, pc_rho2=0.2, pc_mean_term_weight=0.5, pc_refresh_steps=3,
-                pc_start_step=2, pc_shared_noise=False, ivon_ess=123.0, weight_decay=0.01)
+                pc_start_step=2, pc_shared_noise=False, ivon_ess=123.0, weight_decay=0.01,
+                pc_state_dtype="bfloat16")
     opt = _trainer(tmp_path, "ivon_pcm", **over).pc_optimizer
     got = {**opt.param_groups[0], "refresh_every": opt.refresh_every, "start_step": opt.start_step,
-           "shared_noise": opt.shared_noise}
+           "shared_noise": opt.shared_noise, "state_dtype": opt.state_dtype}
     for field, value in over.items():
         assert got[BY_FIELD[field].kwarg] == value, field
 

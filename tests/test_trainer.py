@@ -310,3 +310,22 @@ def test_learning_rate_default_depends_on_the_method(tmp_path):
     assert PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon").learning_rate == 1.0
     assert PCTrainingArguments(output_dir=str(tmp_path), pc_method="none").learning_rate == 5e-5
     assert PCTrainingArguments(output_dir=str(tmp_path), learning_rate=0.2).learning_rate == 0.2
+
+
+def test_bf16_state_reaches_the_optimizer_and_the_posterior_file(tmp_path):
+    from hf_ivonpc.posterior import Posterior
+    args = _args(tmp_path, "ivon_pcm", max_steps=3, pc_start_step=1, pc_refresh_steps=2,
+                 logging_steps=1, pc_state_dtype="bfloat16")
+    trainer = PCTrainer(model=tiny_gpt2(), args=args, train_dataset=CharWindows())
+    trainer.train()
+    opt = trainer.pc_optimizer
+    assert opt.refreshes == 1
+    assert {n for n, t in opt.flat_state()[0].items() if t.dtype == torch.bfloat16} == {
+        "momentum", "hess", "g_out", "h_out"}
+    trainer.save_model(str(tmp_path / "final"))
+    post = Posterior.from_pretrained(str(tmp_path / "final"))
+    name, std = next(iter(post.std.items()))
+    assert std.dtype == torch.float32 and post.hess[name].dtype == torch.bfloat16
+    # sigma recomputed from the stored bf16 h equals the optimizer's
+    assert torch.equal(torch.cat([s.reshape(-1) for s in opt.posterior_std()]),
+                       torch.cat([post.std[n].reshape(-1) for n in post.std]))

@@ -22,7 +22,7 @@ from typing import Iterable
 import torch
 
 from ._checkpoint import FlatCheckpoint
-from ._checks import check_int_min, check_one_device_and_dtype, check_param_list
+from ._checks import check_int_min, check_one_device_and_dtype, check_param_list, resolve_state_dtype
 from ._flat import FlatBuffers, default_chunk
 from ._random import make_generator
 from ._sampling import SamplingProtocol
@@ -43,11 +43,14 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
 
     #: whether sharded (DTensor) parameters are supported
     supports_sharding: bool = True
+    #: the buffers that ``state_dtype=torch.bfloat16`` stores in bf16 (written with stochastic
+    #: rounding); the others stay fp32
+    low_precision_buffers: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict, *, seed: int | None = None,
                  generator: torch.Generator | None = None, chunk_size: int | None = None,
                  fused: bool | None = None, refresh_every: int = 10, start_step: int = 0,
-                 shared_noise: bool = True):
+                 shared_noise: bool = True, state_dtype: torch.dtype | str | None = None):
         check_int_min("refresh_every", refresh_every, 1)
         check_int_min("start_step", start_step, 0)
         if seed is not None:
@@ -67,6 +70,8 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
         self._device = device
         # state is fp32 (fp64 when parameters are fp64), whatever the parameters' dtype
         self._dtype = torch.float64 if pdtype == torch.float64 else torch.float32
+        #: "float32" or "bfloat16": the storage of the ``low_precision_buffers`` (``_state_dtype``)
+        self.state_dtype, self._state_dtype = resolve_state_dtype(state_dtype, self._dtype, type(self))
         self._chunk = chunk_size or default_chunk(self._device)
         self.fused = fused
         #: how the micro-batches collected for one step combine: "mean" (each gradient is a full

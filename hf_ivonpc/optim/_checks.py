@@ -52,3 +52,23 @@ def check_one_device_and_dtype(params: list[torch.Tensor]) -> tuple[torch.device
     if not pdtype.is_floating_point:
         raise ValueError(f"params have dtype {pdtype}: accepted are floating dtypes")
     return next(iter(devices)), pdtype
+
+
+#: the accepted values of ``state_dtype`` (names as in ``torch``)
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_state_dtype(value: Any, state: torch.dtype, cls: type) -> tuple[str, torch.dtype]:
+    """The name of ``state_dtype`` ("float32" or "bfloat16") and the dtype of an optimizer's
+    low-precision buffers: ``state`` (fp32, or fp64 with fp64 parameters) for None or "float32",
+    bf16 for "bfloat16" / ``torch.bfloat16`` where the class has such buffers."""
+    name = value if isinstance(value, str) or value is None else str(value).removeprefix("torch.")
+    if name is not None and name not in STATE_DTYPES:
+        raise ValueError(f"state_dtype={value!r} is invalid: accepted are None, "
+                         f"{', '.join(repr(k) for k in STATE_DTYPES)} or the torch dtypes")
+    if name in (None, "float32"):
+        return "float32", state
+    if not cls.low_precision_buffers:
+        raise ValueError(f"state_dtype={value!r} is invalid for {cls.__name__}: accepted is "
+                         "'float32' (it has no low-precision state)")
+    return name, STATE_DTYPES[name]

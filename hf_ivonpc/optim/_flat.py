@@ -1,7 +1,8 @@
 """The flat buffers of the fast optimizers, and the parameters <-> mean copy.
 
 Every optimizer here keeps its state in *flat* buffers, one per parameter group and per
-quantity, in fp32 (fp64 when the parameters are fp64), and exposes per-parameter views of
+quantity, in fp32 (fp64 when the parameters are fp64; the ``low_precision_buffers`` in bf16 with
+``state_dtype=torch.bfloat16``), and exposes per-parameter views of
 them in ``self.state[p]`` so that ``state_dict`` has the usual torch.optim layout.
 Whole-buffer arithmetic runs as kernels of ``_kernels`` over the flat buffers, compiled into one
 fused loop by ``torch.compile`` where that works and otherwise eagerly in cache-sized chunks (no
@@ -70,7 +71,7 @@ class FlatBuffers:
         gi = len(self._flat)
         params = self._params(gi)
         numel = sum(p.numel() for p in params)
-        flat = {name: torch.zeros(numel, device=self._device, dtype=self._dtype)
+        flat = {name: torch.zeros(numel, device=self._device, dtype=self._buffer_dtype(name))
                 for name in self.persistent_buffers + self.transient_buffers}
         views: dict[str, list[torch.Tensor]] = {name: [] for name in flat}
         offset = 0
@@ -86,6 +87,10 @@ class FlatBuffers:
         with torch.no_grad():
             torch._foreach_copy_(views["mean"], params)
         self._init_state(group, flat)
+
+    def _buffer_dtype(self, name: str) -> torch.dtype:
+        """fp32 (fp64 with fp64 parameters), or ``state_dtype`` for the low-precision buffers."""
+        return self._state_dtype if name in self.low_precision_buffers else self._dtype
 
     def _init_state(self, group: dict, flat: dict[str, torch.Tensor]) -> None:
         """Set the initial values of a group's persistent buffers (zeros by default)."""

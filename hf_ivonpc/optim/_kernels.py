@@ -53,61 +53,99 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
             fn(**{k: v[sl] for k, v in tensors.items()}, sc=scalars, **flags)
 
 
+# ---------------------------------------------------------------------------- low-precision state
+# Buffers in bf16 are read as the state dtype (sc.dtype) before any arithmetic, and written with
+# stochastic rounding: the 16 bits that bf16 drops are compared with 16 random bits, so the stored
+# value is one of the two bf16 neighbours of the fp32 result and equal to it in expectation (round
+# to nearest would drop every update smaller than half a bf16 step, 0.2% of the value: h, whose
+# updates are (1 - beta2) ~ 1e-4 of it, would freeze). The random bits are the low mantissa bits
+# of the step's fp32 noise draw (uniform, fresh every step, and determined by the optimizer's
+# generator, so a resumed run rounds exactly as an uninterrupted one); each buffer of a kernel
+# takes them through its own bijection of the 16-bit values (``salt``).
+_SALT_MUL = (1, 0x2C1B, 0x4F6D, 0x6A09)   # odd: x -> (a x + b) mod 2^16 is a bijection
+_SALT_ADD = (0, 0x3C6F, 0x1F83, 0x5BE1)
+
+
+def store(dst, value, bits=None, salt: int = 0):
+    """dst <- value, with stochastic rounding from ``bits`` (an fp32 tensor) when dst is bf16."""
+    if dst.dtype != torch.bfloat16:
+        dst.copy_(value)
+        return
+    r = bits.view(torch.int32) & 0xFFFF
+    if salt:
+        r = (r * _SALT_MUL[salt] + _SALT_ADD[salt]) & 0xFFFF   # < 2^31: no int32 overflow
+    v = value.to(torch.float32).view(torch.int32)
+    # adding to the bit pattern raises the magnitude (either sign); clearing the low 16 bits leaves
+    # a bf16 value exactly: rounded away from zero with probability (low bits) / 2^16
+    dst.copy_(((v + r) & -65536).view(torch.float32))
+
+
+def _read(buf, sc):
+    """A buffer as the state dtype (a no-op for fp32 buffers)."""
+    return buf if buf is None else buf.to(sc.dtype)
+
+
 # ---------------------------------------------------------------------------- IVON / IVON-PCM
 def ivon_scale_noise(noise, hess, sc):
     """noise <- noise / sqrt(ess (h + wd));  sc = [ess, wd]."""
-    noise.div_(((hess + sc[1]) * sc[0]).sqrt())
+    noise.div_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt())
 
 
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
-    noise.mul_(((hess + sc[1]) * sc[0]).sqrt() * sigma_out)
+    noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * sigma_out)
 
 
-def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool):
+def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool,
+                 bits=None):
     """Alg. 4 lines 3-5. sc = [1/M, ess, wd, rho1, 1 - rho1, rho2, 1 - rho2]."""
     inv_m, ess, wd = sc[0], sc[1], sc[2]
-    hpd = hess + wd
+    hpd = _read(hess, sc) + wd
     g_hat = acc_g * inv_m
     h_hat = acc_nxg * hpd * (ess * inv_m)
     if first:
-        g_out.copy_(g_hat)
-        h_out.copy_(h_hat)
+        store(g_out, g_hat, bits, 2)
+        store(h_out, h_hat, bits, 3)
     else:
-        g_out.copy_(sc[3] * g_out + sc[4] * g_hat)
-        h_out.copy_(sc[5] * h_out + sc[6] * h_hat)
+        store(g_out, sc[3] * _read(g_out, sc) + sc[4] * g_hat, bits, 2)
+        store(h_out, sc[5] * _read(h_out, sc) + sc[6] * h_hat, bits, 3)
     m_out.copy_(mean)
     sigma_out.copy_((hpd * ess).rsqrt())
 
 
 def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out=None,
-                h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, price: bool = True,
-                clip: bool = True, mean_term: bool = False, clipped=None):
+                h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, bits=None,
+                price: bool = True, clip: bool = True, mean_term: bool = False, clipped=None):
     """One IVON(-PCM) step, Alg. 4 lines 8-16. The correction is used when ``g_out`` is given.
 
     sc = [1/k, beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2)^2 / 2, wd, ess/k, debias,
           step size, clip radius, alpha, alpha * mean-term weight]
-    (complements are computed in float64 by the caller: 1 - beta2 in fp32 would be off by 0.1%)."""
+    (complements are computed in float64 by the caller: 1 - beta2 in fp32 would be off by 0.1%).
+    ``bits``: the random bits of bf16 momentum and h (see ``store``)."""
     inv_k, b1, c1, b2, c2, c22, wd, ess_k = sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]
     debias, lr, r, a, aw = sc[8], sc[9], sc[10], sc[11], sc[12]
-    hpd = hess + wd                                    # with the old h: the noise's
+    h = _read(hess, sc)
+    hpd = h + wd                                       # with the old h: the noise's
     if noise is not None:
         acc_nxg = noise * acc_g
     g_hat = acc_g * inv_k                              # line 8
     h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
     extra = None
     if g_out is not None:
+        h_out = _read(h_out, sc)
         h_hat_out = acc_nxg_out * inv_k / (sigma_out * sigma_out)    # line 9
-        g_hat = g_hat + a * g_out                      # line 10 (acc_g holds g_in - alpha g_out)
+        g_hat = g_hat + a * _read(g_out, sc)           # line 10 (acc_g holds g_in - alpha g_out)
         h_hat = h_hat - a * (h_hat_out - h_out)
         if mean_term:                                  # line 14's extra term, weighted
             extra = aw * (h_out - h_hat_out) * (mean - m_out)
-    momentum.copy_(b1 * momentum + c1 * g_hat)         # line 11
-    hess.copy_(b2 * hess + c2 * h_hat + c22 * (hess - h_hat) * (hess - h_hat) / hpd)   # line 12
-    num = momentum / debias + wd * mean                # lines 13-14
+    g_new = b1 * _read(momentum, sc) + c1 * g_hat     # line 11
+    h_new = b2 * h + c2 * h_hat + c22 * (h - h_hat) * (h - h_hat) / hpd   # line 12
+    store(momentum, g_new, bits, 0)
+    store(hess, h_new, bits, 1)
+    num = g_new / debias + wd * mean                   # lines 13-14
     if extra is not None:
         num = num + extra
-    u = num / (hess + wd)
+    u = num / (h_new + wd)
     if clip:
         if clipped is not None:                        # diagnostics: coordinates at the radius
             clipped.add_((u.abs() > r).sum(dtype=torch.float64))
@@ -127,6 +165,7 @@ def _dot(a, b):
 def pc_stats_plain(acc_g, acc_nxg, hess, momentum, h_out, sc, out):
     """The plain estimates of a micro-batch before its theta_out pass. sc = [wd, ess, 1/debias].
     out += [x.x, x.r, hx.hx, hx.h_out] with x its gradient, hx = x eps / sigma, r the momentum."""
+    hess, momentum, h_out = _read(hess, sc), _read(momentum, sc), _read(h_out, sc)
     r = momentum * sc[2]
     hx = acc_nxg * (hess + sc[0]) * sc[1]
     out.add_(torch.stack([_dot(acc_g, acc_g), _dot(acc_g, r), _dot(hx, hx), _dot(hx, h_out)]))
@@ -138,6 +177,7 @@ def pc_stats_corrected(acc_g, acc_nxg, acc_nxg_out, hess, sigma_out, momentum, g
     share 1/c of the step. sc = [wd, ess, 1/debias, alpha]. out += [z.z, z.ga, ga.ga, z.r, ga.r,
     w.w, w.ha, ha.ha, w.h_out, ha.h_out] with ga = alpha g_out, ha = alpha h_out and
     w = hx - alpha ho the corrected Hessian estimate's micro-batch part."""
+    hess, momentum, g_out, h_out = _read(hess, sc), _read(momentum, sc), _read(g_out, sc), _read(h_out, sc)
     r = momentum * sc[2]
     ga = g_out * sc[3]
     ha = h_out * sc[3]

@@ -51,6 +51,7 @@ INT1 = Range(lambda v: _integer(v) and v >= 1, "an integer >= 1")
 INT0 = Range(lambda v: _integer(v) and v >= 0, "an integer >= 0")
 BOOL = Range(lambda v: isinstance(v, bool), "True or False")
 FRACTION = Range(lambda v: _finite(v) and 0 <= v < 1, "a fraction in [0, 1)")
+STATE_DTYPE = Range(lambda v: v in ("float32", "bfloat16"), "'float32' or 'bfloat16'")
 #: eta of Alg. 4 is a step size per coordinate of at most eta x clip_radius; beyond 100 a typo
 LEARNING_RATE = Range(lambda v: _finite(v) and 0 < v <= 100, "a finite number in (0, 100]")
 
@@ -134,6 +135,10 @@ HPARAMS: tuple[HParam, ...] = (
     HParam("shared_noise", "pc_shared_noise", True, BOOL,
            "theta_out reuses theta_in's standard-normal draw (common random numbers).",
            methods=_PC),
+    HParam("state_dtype", "pc_state_dtype", "float32", STATE_DTYPE,
+           "Storage of momentum and h (and IVON-PCM's g_out and h_out): 'bfloat16' halves them, "
+           "written with stochastic rounding and computed in fp32 (IVON 24 -> 20 bytes of state "
+           "per parameter, IVON-PCM 44 -> 36); the mean stays fp32.", methods=_IVON),
     HParam(None, "pc_start_ratio", 0.0, FRACTION,
            "Share of the run's optimizer steps without correction first, used when "
            "pc_start_step is 0 (a step count wins over a ratio, as warmup_steps over a ratio): a "

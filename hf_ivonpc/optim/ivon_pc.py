@@ -53,6 +53,7 @@ class IVONPC(IVON):
 
     persistent_buffers = IVON.persistent_buffers + ("g_out", "h_out", "m_out", "sigma_out")
     transient_buffers = IVON.transient_buffers + ("acc_nxg_out",)
+    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out")
     corrects = True
 
     # the project's defaults (hparams), the same as PCTrainingArguments'
@@ -66,14 +67,15 @@ class IVONPC(IVON):
                  refresh_every: int = _d("refresh_every"), start_step: int = _d("start_step"),
                  shared_noise: bool = _d("shared_noise"),
                  seed: int | None = None, generator: torch.Generator | None = None,
-                 chunk_size: int | None = None, fused: bool | None = None):
+                 chunk_size: int | None = None, fused: bool | None = None,
+                 state_dtype: torch.dtype | str = _d("state_dtype")):
         if hess_approx != "price":
             raise ValueError(f"hess_approx={hess_approx!r} is invalid: accepted is 'price' "
                              "(the correction needs the reparameterisation estimate)")
         super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples,
                          hess_approx, clip_radius, sync, debias, rescale_lr, seed=seed,
                          generator=generator, chunk_size=chunk_size, fused=fused,
-                         _pc_defaults=dict(alpha=alpha, rho1=rho1, rho2=rho2,
+                         state_dtype=state_dtype, _pc_defaults=dict(alpha=alpha, rho1=rho1, rho2=rho2,
                                            mean_term_weight=mean_term_weight),
                          refresh_every=refresh_every, start_step=start_step,
                          shared_noise=shared_noise)
@@ -128,7 +130,10 @@ class IVONPC(IVON):
     # ------------------------------------------------------------------ outer loop
     def _finish_refresh(self, gi, group, flat, first):
         names = ["mean", "hess", "acc_g", "acc_nxg", "g_out", "h_out", "m_out", "sigma_out"]
-        self._run(K.ivon_refresh, {n: flat[n] for n in names},
+        tensors = {n: flat[n] for n in names}
+        if self.low_precision:   # the last mega draw's noise rounds g_out and h_out
+            tensors["bits"] = flat["noise"]
+        self._run(K.ivon_refresh, tensors,
                   [1.0 / self._count["mega"], group["ess"], group["weight_decay"], group["rho1"],
                    1.0 - group["rho1"], group["rho2"], 1.0 - group["rho2"]], first=first)
         if self.track_diagnostics:

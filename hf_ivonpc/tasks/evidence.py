@@ -208,7 +208,7 @@ def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
 
 def h_moved(opt) -> dict:
     """How far h moved from h0: quantiles of |h - h0| / h0 over all coordinates."""
-    rel = torch.cat([((g_h - group["hess_init"]).abs() / group["hess_init"]).reshape(-1)
+    rel = torch.cat([((g_h.float() - group["hess_init"]).abs() / group["hess_init"]).reshape(-1)
                      for group, flat in zip(opt.param_groups, opt.flat_state())
                      for g_h in [flat["hess"]]])
     q = torch.quantile(rel[torch.randperm(len(rel), generator=torch.Generator().manual_seed(0))[:1_000_000]].double(),

@@ -1,0 +1,128 @@
+"""``state_dtype="bfloat16"``: momentum, h (and IVONPC's g_out, h_out) in bf16 with stochastic
+rounding. The rounding is unbiased, h keeps moving where round-to-nearest would freeze it, a
+resumed run is bit-exact, and the state takes the bytes it should."""
+
+import io
+
+import pytest
+import torch
+
+from hf_ivonpc.optim import IVON, IVONPC
+from hf_ivonpc.optim._kernels import store
+
+from _problems import loss_fn, make_data, make_params
+
+
+def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The bf16 values just below and above |x| in magnitude (x not representable), signed as x."""
+    down = (x.view(torch.int32) & -65536).view(torch.float32)      # truncated toward zero
+    up = ((x.view(torch.int32) & -65536) + 65536).view(torch.float32)
+    return down, up
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, generator=g) * torch.logspace(-6, 3, 64)
+    draws = 4096
+    dst = torch.empty(draws, 64, dtype=torch.bfloat16)
+    bits = torch.randn(draws, 64, generator=g)          # the source of the random bits
+    for salt in range(4):
+        store(dst, x.expand(draws, 64), bits, salt)
+        down, up = _neighbours(x)
+        out = dst.float()
+        assert torch.all((out == down) | (out == up))
+        # P(up) = (x - down) / (up - down): the mean of the draws is x (binomial error < 5 sd)
+        p = (x - down) / (up - down)
+        share_up = (out == up).double().mean(0)
+        sd = (p * (1 - p) / draws).sqrt().double()
+        assert torch.all((share_up - p.double()).abs() <= 5 * sd + 1e-12)
+    # round to nearest is biased here: these values would all round down
+    assert (x.to(torch.bfloat16).float() == _neighbours(x)[0]).float().mean() > 0.3
+
+
+def test_fp32_destination_is_a_plain_copy():
+    dst = torch.empty(5)
+    store(dst, torch.arange(5.0) / 3, torch.randn(5), 1)
+    assert torch.equal(dst, torch.arange(5.0) / 3)
+
+
+def _drive(opt, params, steps, x, y):
+    """The correction protocol with a data order fixed by the step count (so that a resumed
+    optimizer sees what an uninterrupted one sees)."""
+    for _ in range(steps):
+        t = opt.global_step
+        if opt.needs_refresh:
+            with opt.refreshing():
+                for part in torch.arange(32).chunk(2):
+                    with opt.sampled_params(train=True, at="mega"):
+                        loss_fn(params, x[part], y[part]).backward()
+        idx = torch.arange(8) + (t % 8) * 8
+        active = getattr(opt, "correction_active", False)
+        with opt.sampled_params(train=True):
+            loss_fn(params, x[idx], y[idx]).backward()
+        if active:
+            with opt.sampled_params(train=True, at="out"):
+                loss_fn(params, x[idx], y[idx]).backward()
+        opt.step()
+
+
+def _run(state_dtype, steps, cls=IVON, params=None, **kw):
+    x, y = make_data(dtype=torch.float32)
+    params = params or make_params(dtype=torch.float32)
+    opt = cls(params, lr=0.05, ess=500.0, seed=3, state_dtype=state_dtype, **kw)
+    _drive(opt, params, steps, x, y)
+    return opt, params
+
+
+def test_h_moves_in_bf16_as_in_fp32():
+    # beta2 = 0.999: each update moves h by ~1e-3 of itself, under half a bf16 step (2^-9), so
+    # round-to-nearest would leave h at h0 for ever; stochastic rounding tracks the fp32 path
+    kw = dict(beta2=0.999, hess_init=1.0, weight_decay=1e-3, clip_radius=float("inf"))
+    h32 = _run(None, 120, **kw)[0].flat_state()[0]["hess"]
+    h16 = _run("bfloat16", 120, **kw)[0].flat_state()[0]["hess"]
+    assert h16.dtype == torch.bfloat16
+    moved = (h32 - 1.0).abs()
+    assert moved.median() > 0.05                       # h moved in fp32 ...
+    error = (h16.float() - h32).abs()
+    assert error.median() < 0.2 * moved.median()       # ... and bf16 followed it
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_state_resumes_bit_exact(fused):
+    kw = dict(refresh_every=3, beta2=0.99, fused=fused)
+    full, p_full = _run("bfloat16", 8, IVONPC, **kw)
+    half, p_half = _run("bfloat16", 4, IVONPC, **kw)
+    buf = io.BytesIO()
+    torch.save(half.state_dict(), buf)
+    buf.seek(0)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in p_half]
+    resumed = IVONPC(params, lr=0.05, ess=500.0, seed=99, state_dtype="bfloat16", **kw)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert resumed.flat_state()[0]["momentum"].dtype == torch.bfloat16
+    _drive(resumed, params, 4, *make_data(dtype=torch.float32))
+    assert full.refreshes == resumed.refreshes == 3
+    for a, b in zip(full.flat_state(), resumed.flat_state()):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    for a, b in zip(p_full, params):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cls, fp32, bf16", [(IVON, 24, 20), (IVONPC, 44, 36)])
+def test_state_bytes_per_parameter(cls, fp32, bf16):
+    params = make_params(dtype=torch.float32)
+    n = sum(p.numel() for p in params)
+    assert cls(params, lr=0.1, ess=10.0).state_nbytes() == fp32 * n
+    opt = cls(params, lr=0.1, ess=10.0, state_dtype=torch.bfloat16)
+    assert opt.state_nbytes() == bf16 * n
+    assert opt.low_precision
+    assert {k for k, v in opt.flat_state()[0].items() if v.dtype == torch.bfloat16} == set(
+        cls.low_precision_buffers)
+    # sigma is computed in fp32 from the bf16 h
+    assert all(s.dtype == torch.float32 for s in opt.posterior_std())
+
+
+@pytest.mark.parametrize("value", ["float16", "bf16", torch.float16, 3])
+def test_bad_state_dtype_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="state_dtype"):
+        IVON(make_params(dtype=torch.float32), lr=0.1, ess=10.0, state_dtype=value)
