@@ -21,7 +21,8 @@ corrected step evaluates its mini-batch twice, a refresh a mega-batch of 10 mini
 equal CPU time (each run single-threaded: its CPU time is its cost, whatever else runs beside it).
 Intervals are 95% t-intervals over seeds; differences to the baseline are paired by seed.
 A control run of IVON with beta2 = 0.99999 (h frozen at h0 over this horizon) shows what the
-horizon-aware default beta2 changes.
+horizon-aware default beta2 changes. ``--state_dtype`` adds IVON and IVON-PCM with their state in
+bf16 (``pc_state_dtype="bfloat16"``), paired by seed against the fp32 runs.
 
 Every finished run is kept in ``<out>/<regime>/runs/<hash>.json`` (small; committed), so an
 interrupted campaign resumes and a later run can report or extend it. Writes
@@ -44,6 +45,8 @@ from hf_ivonpc.tasks.evidence import METHODS, PAPER_RHO, REGIMES, train_run
 ALPHAS = (0.1, 0.25, 0.5, 1.0)
 WEIGHTS = (0.01, 1.0)
 CONTROL = "ivon_beta2_0.99999"
+#: the low-precision state runs (``--state_dtype``): these methods, in bf16, against themselves
+BF16 = {"ivon": "ivon bf16 state", "ivon_pcm": "ivon_pcm bf16 state"}
 
 
 def _job(job: tuple) -> dict:
@@ -131,6 +134,12 @@ def reported_cfgs(tuned: dict, seeds) -> list[dict]:
     return cfgs
 
 
+def state_dtype_cfgs(tuned: dict, seeds) -> list[dict]:
+    """The reported runs of IVON and IVON-PCM with their state in bf16."""
+    return [dict(c, extra={"pc_state_dtype": "bfloat16"}) for c in reported_cfgs(tuned, seeds)
+            if c["method"] in BF16 and not c.get("extra")]
+
+
 #: the paper's Fig. 6 sweeps around IVON-PCM's tuned settings (``--sweeps``)
 SWEEPS = {"refresh": (5, 20, 40), "start_ratio": (0.25, 0.75)}
 
@@ -164,7 +173,10 @@ def summarize_sweeps(runs: list[dict], sweeps: list[dict], spec: dict) -> dict:
 
 
 def _name(r: dict) -> str:
-    if r["cfg"].get("extra"):
+    extra = r["cfg"].get("extra") or {}
+    if extra.get("pc_state_dtype") == "bfloat16":
+        return BF16[r["cfg"]["method"]]
+    if extra:
         return CONTROL
     swept = [k for k in SWEEPS if k in r["cfg"]]
     return f"{r['cfg']['method']} {swept[0]}={r['cfg'][swept[0]]}" if swept else r["cfg"]["method"]
@@ -177,7 +189,7 @@ def _corrected_logs(r: dict, key: str) -> list[float]:
 def summarize(runs: list[dict], regime: str) -> dict:
     groups: dict[str, list[dict]] = {}
     for r in runs:
-        if _name(r) in METHODS or _name(r) == CONTROL:
+        if _name(r) in METHODS or _name(r) == CONTROL or _name(r) in BF16.values():
             groups.setdefault(_name(r), []).append(r)
     main = [r for r in runs if _name(r) in METHODS]
     t_eq = min(r["final"]["cpu_s"] for r in main)
@@ -210,7 +222,7 @@ def summarize(runs: list[dict], regime: str) -> dict:
     # differences paired by seed: the corrected IVONs against IVON, alpha-SVRG against AdamW
     out["paired"] = {}
     for m, base in (("ivon_pc", "ivon"), ("ivon_pcm", "ivon"), ("alpha_svrg", "adamw"), (CONTROL, "ivon"),
-                    ("ivon", "adamw"), ("ivon_pcm", "adamw")):
+                    ("ivon", "adamw"), ("ivon_pcm", "adamw"), *((v, k) for k, v in BF16.items())):
         if m not in groups or base not in groups:
             continue
         b = {r["cfg"]["seed"]: r for r in groups[base]}
@@ -403,6 +415,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--sweeps", action="store_true",
                     help="also IVON-PCM's refresh interval (5, 20, 40) and correction start (25%%, 75%%) "
                          "at its tuned settings, on the reported seeds (Fig. 6)")
+    ap.add_argument("--state_dtype", action="store_true",
+                    help="also IVON and IVON-PCM with pc_state_dtype='bfloat16' on the reported seeds")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         ap.error(f"--seeds={a.seeds} is invalid: accepted is an integer >= 1")
@@ -433,6 +447,8 @@ def main(argv=None) -> dict:
         tuned = tune(c, **kw)
         runs = c.runs(reported_cfgs(tuned, range(a.seeds)))
         sweeps = c.runs(sweep_cfgs(tuned, range(a.seeds))) if a.sweeps else []
+        if a.state_dtype:
+            runs += c.runs(state_dtype_cfgs(tuned, range(a.seeds)))
     finally:
         c.close()
         if a.report_only:
