@@ -20,14 +20,36 @@ import torch
 GB = 1e9
 
 
+def _in_use(opt, p: torch.Tensor):
+    """``opt`` after a refresh (where it corrects) and a step: every buffer a step needs exists
+    (one in-sample per step, as in PCTrainer without gradient accumulation)."""
+    def backward():
+        p.grad = torch.ones_like(p)
+    if getattr(opt, "needs_refresh", False):
+        with opt.refreshing():
+            with opt.sampled_params(train=True, at="mega"):
+                backward()
+    with opt.sampled_params(train=True):
+        backward()
+    if getattr(opt, "correction_active", False):
+        with opt.sampled_params(train=True, at="out"):
+            backward()
+    opt.step()
+    return opt
+
+
 def state_bytes_per_param() -> dict[str, float]:
-    """Optimizer state per trained parameter, from the flat fp32 buffers each method keeps."""
+    """Optimizer state per trained parameter, from the buffers each method keeps while training
+    (fp32, or bf16 momentum and h with ``state_dtype="bfloat16"``)."""
     from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
     p = torch.nn.Parameter(torch.zeros(1000))
     out = {"adamw": 8.0}   # torch AdamW: exp_avg, exp_avg_sq
-    for name, opt in (("ivon", IVON([p], lr=0.1, ess=1e6)), ("ivon_pcm", IVONPC([p], lr=0.1, ess=1e6)),
-                      ("alpha_svrg", AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw"))):
-        out[name] = opt.state_nbytes() / p.numel()
+    for name, make in (("ivon", lambda: IVON([p], lr=0.1, ess=1e6)),
+                       ("ivon_pcm", lambda: IVONPC([p], lr=0.1, ess=1e6)),
+                       ("alpha_svrg", lambda: AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw")),
+                       ("ivon_bf16", lambda: IVON([p], lr=0.1, ess=1e6, state_dtype="bfloat16")),
+                       ("ivon_pcm_bf16", lambda: IVONPC([p], lr=0.1, ess=1e6, state_dtype="bfloat16"))):
+        out[name] = _in_use(make(), p).state_nbytes() / p.numel()
     return out
 
 

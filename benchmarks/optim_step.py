@@ -14,12 +14,19 @@ no forward or backward). What is timed per variant and repetition:
   One refresh (one mega micro-batch) is done before timing and ``refresh_every`` is huge, so the
   timed steps contain no refresh; the refresh is timed separately (``refresh_ms``).
 * ``alpha_svrg_adamw``: ``hf_ivonpc.optim.AlphaSVRG(alpha=0.5, base="adamw")``, same as ivon_pcm.
+* ``ivon_bf16`` / ``ivon_pcm_bf16``: the same with ``state_dtype="bfloat16"``.
+* ``copy``: ``dst.copy_(src)`` of as many floats as there are parameters: the machine's copy
+  bandwidth (8 bytes moved per number), the yardstick of the GB/s column.
 * ``randn``: ``torch.randn`` of as many floats as there are parameters (the noise floor).
 * ``normal_gen``: ``buf.normal_(generator=ivon.generator)`` on a preallocated buffer of that size.
 * ``noise_draw``: the standard-normal draw our IVON step itself makes, on its own
   (``ivon._draw_standard_normal(buf)``: parallel streams on CPU), where that method exists;
   ``noise_share_ivon`` = noise_draw / ivon (normal_gen / ivon without it).
 * with ``--eager``: ``ivon_eager`` / ``ivon_pcm_eager``, ours with ``fused=False`` (no torch.compile).
+
+Bytes moved per step (``traffic``) count what each pass over memory of the step reads and writes
+(see ``TRAFFIC``: one entry per kernel or foreach call, in the order the step makes them); the
+achieved GB/s is that over the median time, printed beside the copy bandwidth.
 
 One process, variants interleaved round-robin (the order rotates every repetition), warm-up
 repetitions first (the first call of ours includes torch.compile: reported as ``first_call_ms``),
@@ -59,6 +66,36 @@ VOCAB = 8192
 IVON_KW = dict(lr=0.1, ess=1e6)
 ADAMW_KW = dict(lr=1e-3, weight_decay=0.01)
 GOALS = {"ivon/adamw_fused": 6.0, "ivon_pcm/adamw_fused": 12.0, "ivon/ivon_opt": 0.15}
+
+
+def traffic(variant: str) -> list[tuple[str, float]] | None:
+    """The passes over memory of one step, (what, bytes per parameter read + written), for fp32
+    parameters and gradients and one in-sample per step (None where not modelled). ``s`` is a
+    state buffer's size: 4 bytes, 2 for momentum, h, g_out and h_out with bf16 state."""
+    s = 2 if variant.endswith("_bf16") else 4
+    if variant == "adamw_fused":
+        return [("update: r param grad m v, w param m v", 28)]
+    if variant in ("ivon", "ivon_bf16"):
+        return [("normal draw: w noise", 4), ("scale noise: r noise h, w noise", 8 + s),
+                ("params += noise: r param noise, w param", 12),
+                ("collect: r grad, w acc_g", 8),
+                ("update: r mean m h acc_g noise, w mean m h", 4 + 2 * s + 8 + 4 + 2 * s),
+                ("params <- mean: r mean, w param", 8)]
+    if variant in ("ivon_pcm", "ivon_pcm_bf16"):
+        bits = 4 if s == 2 else 0   # the noise is read again for the rounding bits
+        return [("normal draw: w noise", 4), ("scale noise: r noise h, w noise", 8 + s),
+                ("params += noise: r param noise, w param", 12),
+                ("collect in: r grad, w acc_g", 8),
+                ("noise x grad: r noise acc_g, w acc_nxg", 12),
+                ("noise to theta_out: r noise h sigma_out, w noise", 12 + s),
+                ("params <- m_out + noise: r m_out noise, w param", 12),
+                ("collect out: r grad acc_g noise, w acc_g acc_nxg_out", 20),
+                ("update: r mean m h acc_g acc_nxg g_out h_out m_out sigma_out acc_nxg_out, "
+                 "w mean m h", 4 * 6 + 4 * s + bits + 4 + 2 * s),
+                ("params <- mean: r mean, w param", 8)]
+    if variant == "copy":
+        return [("copy: r src, w dst", 8)]
+    return None
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -196,6 +233,12 @@ def build_variants(shapes, grads, numel: int, eager: bool = False) -> list[Varia
 
     params = make_params(shapes, 0)
     corrected("ivon_pcm", IVONPC(params, **IVON_KW, refresh_every=10**9, seed=0), params)
+    if _accepts(IVON, "state_dtype"):
+        params = make_params(shapes, 0)
+        plain("ivon_bf16", IVON(params, **IVON_KW, seed=0, state_dtype="bfloat16"), params)
+        params = make_params(shapes, 0)
+        corrected("ivon_pcm_bf16", IVONPC(params, **IVON_KW, refresh_every=10**9, seed=0,
+                                          state_dtype="bfloat16"), params)
     params = make_params(shapes, 0)
     corrected("alpha_svrg_adamw",
               AlphaSVRG(params, lr=1e-3, alpha=0.5, base="adamw", refresh_every=10**9, seed=0),
@@ -210,6 +253,8 @@ def build_variants(shapes, grads, numel: int, eager: bool = False) -> list[Varia
         else:
             print("--eager: these optimizers have no `fused` argument; skipped", file=sys.stderr)
 
+    src, dst = torch.randn(numel), torch.empty(numel)
+    variants.append(Variant("copy", [], None, lambda: dst.copy_(src), lambda: 0))
     # noise: the floor (allocate + fill, global generator) and the draw our IVON makes
     variants.append(Variant("randn", [], None, lambda: torch.randn(numel), lambda: 0))
     buf = torch.empty(numel)
@@ -332,7 +377,8 @@ def main(argv=None) -> dict:
     def ratio(a, b, d=ms):
         return d[a] / d[b] if a in d and b in d else None
 
-    pairs = [("ivon", "adamw_fused"), ("ivon_pcm", "adamw_fused"), ("ivon", "ivon_opt"),
+    pairs = [("ivon", "adamw_fused"), ("ivon_pcm", "adamw_fused"), ("ivon_bf16", "adamw_fused"),
+             ("ivon_pcm_bf16", "adamw_fused"), ("ivon", "ivon_opt"),
              ("ivon_pcm", "ivon_opt"), ("alpha_svrg_adamw", "adamw_fused"),
              ("adamw_foreach", "adamw_fused"), ("randn", "adamw_fused"), ("ivon_opt", "adamw_fused"),
              ("ivon_pcm", "ivon")]
@@ -340,18 +386,27 @@ def main(argv=None) -> dict:
     ratios_min = {f"{a}/{b}": ratio(a, b, ms_min) for a, b in pairs}
     ratios_cpu = {f"{a}/{b}": ratio(a, b, cpu_ms) for a, b in pairs}
     noise_share = ratio("noise_draw", "ivon") or ratio("normal_gen", "ivon")
+    moved = {k: sum(b for _, b in traffic(k)) * numel for k in ms if traffic(k)}
+    gbps = {k: moved[k] / ms[k] / 1e6 for k in moved}
 
     # ------------------------------------------------------------------ report
     base = ms.get("adamw_fused")
     print(f"\nmedian of {args.reps} repetitions after {args.warmup} warm-up, round-robin")
     print(f"{'variant':<20}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'x fused':>9}"
-          f"{'x fused(min)':>13}{'cpu ms':>9}{'state B/param':>15}")
+          f"{'x fused(min)':>13}{'cpu ms':>9}{'state B/param':>15}{'moved GB':>10}{'GB/s':>7}")
     for name, t in ms.items():
         lo, hi = spread[name]
         x = f"{t / base:.2f}" if base else "-"
         xm = f"{lo / ms_min['adamw_fused']:.2f}" if base else "-"
         sb = f"{state[name]:.1f}" if name in state else "-"
-        print(f"{name:<20}{t:>11.2f}{lo:>9.2f}{hi:>9.2f}{x:>9}{xm:>13}{cpu_ms[name]:>9.1f}{sb:>15}")
+        mv = f"{moved[name] / 1e9:.2f}" if name in moved else "-"
+        bw = f"{gbps[name]:.1f}" if name in gbps else "-"
+        print(f"{name:<20}{t:>11.2f}{lo:>9.2f}{hi:>9.2f}{x:>9}{xm:>13}{cpu_ms[name]:>9.1f}{sb:>15}"
+              f"{mv:>10}{bw:>7}")
+    if "copy" in gbps:
+        print(f"\ncopy bandwidth {gbps['copy']:.1f} GB/s: a step that only moved its bytes at that "
+              "speed would take " + ", ".join(f"{k} {moved[k] / gbps['copy'] / 1e6:.1f} ms"
+                                                for k in moved if k != "copy"))
     for name, t in refresh_ms.items():
         print(f"{name + ' refresh':<20}{t:>11.2f}{refresh_ms_min[name]:>9.2f}{'':>9}"
               f"{t / base if base else 0:>9.2f}  (one mega micro-batch, not in the step)")
@@ -395,6 +450,10 @@ def main(argv=None) -> dict:
         "ratios_cpu": ratios_cpu,
         "noise_share_ivon": noise_share,
         "state_bytes_per_param": state,
+        "bytes_moved_per_step": moved,
+        "traffic_per_param": {k: traffic(k) for k in moved},
+        "achieved_gb_per_s": gbps,
+        "copy_gb_per_s": gbps.get("copy"),
         "refresh_ms": refresh_ms.get("ivon_pcm"),
         "refresh_ms_by_variant": refresh_ms,
         "refresh_ms_min": refresh_ms_min,

@@ -22,13 +22,15 @@ def test_dry_run_reports_every_method(tmp_path):
 def test_memory_plan_is_the_runbook_table():
     """Every figure of the runbook's memory table (docs/RUNBOOK.md) comes from benchmarks/memory_plan.py."""
     result = load_script("memory_plan", ROOT / "benchmarks").plan()
-    assert result["state_bytes_per_param"] == {"adamw": 8, "ivon": 24, "ivon_pcm": 44, "alpha_svrg": 28}
+    assert result["state_bytes_per_param"] == {"adamw": 8, "ivon": 20, "ivon_pcm": 44, "alpha_svrg": 28,
+                                               "ivon_bf16": 14, "ivon_pcm_bf16": 28}
     runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
     for name, r in result["runs"].items():
         row = next(line for line in runbook.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{r['trained_params'] / 1e6:.1f}M" and int(cells[2]) == r["gpus"]
-        for cell, method in zip(cells[3:], ("adamw", "ivon", "ivon_pcm", "alpha_svrg")):
+        for cell, method in zip(cells[3:], ("adamw", "ivon", "ivon_pcm", "alpha_svrg", "ivon_bf16",
+                                            "ivon_pcm_bf16"), strict=True):
             numbers = [float(x) for x in cell.replace("GB", "").replace("FSDP2:", "").replace("(", " ")
                        .replace(")", " ").split()]
             assert numbers[0] == round(r["GB"][method]["ddp"], 1), (name, method)

@@ -1,5 +1,5 @@
-"""``state_dtype="bfloat16"``: momentum, h (and IVONPC's g_out, h_out) in bf16 with stochastic
-rounding. The rounding is unbiased, h keeps moving where round-to-nearest would freeze it, a
+"""``state_dtype="bfloat16"``: momentum, h, the step's accumulators (and IVONPC's g_out, h_out,
+sigma_out) in bf16, the persistent ones written with stochastic rounding. The rounding is unbiased, h keeps moving where round-to-nearest would freeze it, a
 resumed run is bit-exact, and the state takes the bytes it should."""
 
 import io
@@ -10,7 +10,7 @@ import torch
 from hf_ivonpc.optim import IVON, IVONPC
 from hf_ivonpc.optim._kernels import store
 
-from _problems import loss_fn, make_data, make_params
+from _problems import drive, loss_fn, make_data, make_params
 
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,18 +108,31 @@ def test_bf16_state_resumes_bit_exact(fused):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls, fp32, bf16", [(IVON, 24, 20), (IVONPC, 44, 36)])
-def test_state_bytes_per_parameter(cls, fp32, bf16):
-    params = make_params(dtype=torch.float32)
-    n = sum(p.numel() for p in params)
-    assert cls(params, lr=0.1, ess=10.0).state_nbytes() == fp32 * n
-    opt = cls(params, lr=0.1, ess=10.0, state_dtype=torch.bfloat16)
-    assert opt.state_nbytes() == bf16 * n
-    assert opt.low_precision
-    assert {k for k, v in opt.flat_state()[0].items() if v.dtype == torch.bfloat16} == set(
-        cls.low_precision_buffers)
-    # sigma is computed in fp32 from the bf16 h
-    assert all(s.dtype == torch.float32 for s in opt.posterior_std())
+@pytest.mark.parametrize("cls, micro, fp32, bf16", [
+    (IVON, 1, 20, 14),     # one in-sample per step: noise x grad is formed inside the update
+    (IVON, 2, 24, 16),     # several: their noise x grad pairs are accumulated (acc_nxg)
+    (IVONPC, 1, 44, 28),   # correction on: g_out, h_out, m_out, sigma_out and two pair buffers
+])
+def test_state_bytes_per_parameter(cls, micro, fp32, bf16):
+    x, y = make_data(dtype=torch.float32)
+    for state_dtype, expected in (("float32", fp32), ("bfloat16", bf16)):
+        params = make_params(dtype=torch.float32)
+        n = sum(p.numel() for p in params)
+        opt = cls(params, lr=0.1, ess=10.0, state_dtype=state_dtype)
+        drive(opt, params, 3, x, y, micro=micro)
+        assert opt.state_nbytes() == expected * n, state_dtype
+        flat = opt.flat_state(transient=True)[0]
+        low = {k for k, v in flat.items() if v.dtype == torch.bfloat16}
+        assert low == (set(cls.low_precision_buffers) & set(flat) if state_dtype == "bfloat16" else set())
+        # sigma is computed in fp32 from a bf16 h
+        assert all(s.dtype == torch.float32 for s in opt.posterior_std())
+
+
+def test_a_missing_buffer_is_an_error_not_an_allocation():
+    opt = IVON(make_params(dtype=torch.float32), lr=0.1, ess=10.0)
+    with pytest.raises(KeyError):
+        opt._flat[0]["g_out"]
+    assert "acc_nxg" not in opt.flat_state(transient=True)[0]
 
 
 @pytest.mark.parametrize("value", ["float16", "bf16", torch.float16, 3])

@@ -321,7 +321,7 @@ def test_bf16_state_reaches_the_optimizer_and_the_posterior_file(tmp_path):
     opt = trainer.pc_optimizer
     assert opt.refreshes == 1
     assert {n for n, t in opt.flat_state()[0].items() if t.dtype == torch.bfloat16} == {
-        "momentum", "hess", "g_out", "h_out"}
+        "momentum", "hess", "g_out", "h_out", "sigma_out"}
     trainer.save_model(str(tmp_path / "final"))
     post = Posterior.from_pretrained(str(tmp_path / "final"))
     name, std = next(iter(post.std.items()))

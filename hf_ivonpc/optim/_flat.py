@@ -31,6 +31,17 @@ def default_chunk(device: torch.device) -> int:
     return 1 << 16 if device.type == "cpu" else 1 << 62
 
 
+class _Buffers(dict):
+    """A group's buffers (or their views) by name; a missing lazy buffer is created on access."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, name: str):
+        return self._make(name)
+
+
 def binary_out(op, out: list[torch.Tensor], a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
     """out[i] = op(a[i], b[i]) in one pass over memory.
 
@@ -53,6 +64,8 @@ class FlatBuffers:
 
     persistent_buffers: tuple[str, ...] = ()
     transient_buffers: tuple[str, ...] = ()
+    #: transient buffers created on first use only (a step that never needs one costs no memory)
+    lazy_buffers: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ buffers
     def _build_buffers(self) -> None:
@@ -70,16 +83,11 @@ class FlatBuffers:
     def _init_group(self, group: dict) -> None:
         gi = len(self._flat)
         params = self._params(gi)
-        numel = sum(p.numel() for p in params)
-        flat = {name: torch.zeros(numel, device=self._device, dtype=self._buffer_dtype(name))
-                for name in self.persistent_buffers + self.transient_buffers}
-        views: dict[str, list[torch.Tensor]] = {name: [] for name in flat}
-        offset = 0
-        for p in params:
-            n = p.numel()
-            for name, buf in flat.items():
-                views[name].append(buf[offset:offset + n].view_as(p))
-            offset += n
+        flat = _Buffers(lambda name: self._allocate_lazy(gi, name))
+        views = _Buffers(lambda name: (flat[name], views[name])[1])
+        for name in self.persistent_buffers + self.transient_buffers:
+            if name not in self.lazy_buffers:
+                self._allocate(gi, name, flat, views)
         for i, p in enumerate(group["params"]):
             self.state[p] = {name: state_view(p, views[name][i]) for name in self.persistent_buffers}
         self._flat.append(flat)
@@ -87,6 +95,25 @@ class FlatBuffers:
         with torch.no_grad():
             torch._foreach_copy_(views["mean"], params)
         self._init_state(group, flat)
+
+    def _allocate_lazy(self, gi: int, name: str) -> torch.Tensor:
+        if name not in self.lazy_buffers:
+            raise KeyError(name)
+        return self._allocate(gi, name)
+
+    def _allocate(self, gi: int, name: str, flat=None, views=None) -> torch.Tensor:
+        """Create group ``gi``'s buffer ``name`` (zeros) and its per-parameter views."""
+        flat = self._flat[gi] if flat is None else flat
+        views = self._views[gi] if views is None else views
+        params = self._params(gi)
+        buf = torch.zeros(sum(p.numel() for p in params), device=self._device,
+                          dtype=self._buffer_dtype(name))
+        offset, views[name] = 0, []
+        for p in params:
+            views[name].append(buf[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        flat[name] = buf
+        return buf
 
     def _buffer_dtype(self, name: str) -> torch.dtype:
         """fp32 (fp64 with fp64 parameters), or ``state_dtype`` for the low-precision buffers."""
@@ -100,12 +127,14 @@ class FlatBuffers:
         own memory, not copies; each rank's shards when the parameters are sharded). With
         ``transient=True`` also the per-step scratch: the last noise draw (``noise``, theta - m
         of the last draw) and the statistics collected since the last step (``acc_*``); these
-        are for inspection only, and overwritten by the next draw or step."""
+        are for inspection only, and overwritten by the next draw or step (a ``lazy_buffers``
+        entry is there once a step has needed it)."""
         names = self.persistent_buffers + (self.transient_buffers if transient else ())
-        return [{name: flat[name] for name in names} for flat in self._flat]
+        return [{name: flat[name] for name in names if name in flat} for flat in self._flat]
 
     def state_nbytes(self) -> int:
-        """Bytes of optimizer state on this rank: the persistent buffers and the per-step scratch."""
+        """Bytes of optimizer state on this rank: the persistent buffers and the per-step scratch
+        allocated so far."""
         return sum(t.nbytes for flat in self._flat for t in flat.values())
 
     def _views_of(self, gi: int, name: str, idx: list[int]) -> list[torch.Tensor]:

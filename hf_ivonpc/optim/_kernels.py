@@ -54,8 +54,10 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
 
 
 # ---------------------------------------------------------------------------- low-precision state
-# Buffers in bf16 are read as the state dtype (sc.dtype) before any arithmetic, and written with
-# stochastic rounding: the 16 bits that bf16 drops are compared with 16 random bits, so the stored
+# Buffers in bf16 are read as the state dtype (sc.dtype) before any arithmetic. Those that carry
+# information from step to step (momentum, h, g_out, h_out, sigma_out) are written with
+# stochastic rounding (the per-step accumulators, written once or a few times per step by the
+# gradient collection, are rounded to nearest): the 16 bits that bf16 drops are compared with 16 random bits, so the stored
 # value is one of the two bf16 neighbours of the fp32 result and equal to it in expectation (round
 # to nearest would drop every update smaller than half a bf16 step, 0.2% of the value: h, whose
 # updates are (1 - beta2) ~ 1e-4 of it, would freeze). The random bits are the low mantissa bits
@@ -93,7 +95,7 @@ def ivon_scale_noise(noise, hess, sc):
 
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
-    noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * sigma_out)
+    noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * _read(sigma_out, sc))
 
 
 def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool,
@@ -101,8 +103,8 @@ def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc,
     """Alg. 4 lines 3-5. sc = [1/M, ess, wd, rho1, 1 - rho1, rho2, 1 - rho2]."""
     inv_m, ess, wd = sc[0], sc[1], sc[2]
     hpd = _read(hess, sc) + wd
-    g_hat = acc_g * inv_m
-    h_hat = acc_nxg * hpd * (ess * inv_m)
+    g_hat = _read(acc_g, sc) * inv_m
+    h_hat = _read(acc_nxg, sc) * hpd * (ess * inv_m)
     if first:
         store(g_out, g_hat, bits, 2)
         store(h_out, h_hat, bits, 3)
@@ -110,7 +112,7 @@ def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc,
         store(g_out, sc[3] * _read(g_out, sc) + sc[4] * g_hat, bits, 2)
         store(h_out, sc[5] * _read(h_out, sc) + sc[6] * h_hat, bits, 3)
     m_out.copy_(mean)
-    sigma_out.copy_((hpd * ess).rsqrt())
+    store(sigma_out, (hpd * ess).rsqrt(), bits, 1)
 
 
 def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out=None,
@@ -126,14 +128,14 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
     debias, lr, r, a, aw = sc[8], sc[9], sc[10], sc[11], sc[12]
     h = _read(hess, sc)
     hpd = h + wd                                       # with the old h: the noise's
-    if noise is not None:
-        acc_nxg = noise * acc_g
+    acc_g = _read(acc_g, sc)
+    acc_nxg = noise * acc_g if noise is not None else _read(acc_nxg, sc)
     g_hat = acc_g * inv_k                              # line 8
     h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
     extra = None
     if g_out is not None:
-        h_out = _read(h_out, sc)
-        h_hat_out = acc_nxg_out * inv_k / (sigma_out * sigma_out)    # line 9
+        h_out, sigma_out = _read(h_out, sc), _read(sigma_out, sc)
+        h_hat_out = _read(acc_nxg_out, sc) * inv_k / (sigma_out * sigma_out)    # line 9
         g_hat = g_hat + a * _read(g_out, sc)           # line 10 (acc_g holds g_in - alpha g_out)
         h_hat = h_hat - a * (h_hat_out - h_out)
         if mean_term:                                  # line 14's extra term, weighted
@@ -166,6 +168,7 @@ def pc_stats_plain(acc_g, acc_nxg, hess, momentum, h_out, sc, out):
     """The plain estimates of a micro-batch before its theta_out pass. sc = [wd, ess, 1/debias].
     out += [x.x, x.r, hx.hx, hx.h_out] with x its gradient, hx = x eps / sigma, r the momentum."""
     hess, momentum, h_out = _read(hess, sc), _read(momentum, sc), _read(h_out, sc)
+    acc_g, acc_nxg = _read(acc_g, sc), _read(acc_nxg, sc)
     r = momentum * sc[2]
     hx = acc_nxg * (hess + sc[0]) * sc[1]
     out.add_(torch.stack([_dot(acc_g, acc_g), _dot(acc_g, r), _dot(hx, hx), _dot(hx, h_out)]))
@@ -178,6 +181,8 @@ def pc_stats_corrected(acc_g, acc_nxg, acc_nxg_out, hess, sigma_out, momentum, g
     w.w, w.ha, ha.ha, w.h_out, ha.h_out] with ga = alpha g_out, ha = alpha h_out and
     w = hx - alpha ho the corrected Hessian estimate's micro-batch part."""
     hess, momentum, g_out, h_out = _read(hess, sc), _read(momentum, sc), _read(g_out, sc), _read(h_out, sc)
+    acc_g, acc_nxg, acc_nxg_out = _read(acc_g, sc), _read(acc_nxg, sc), _read(acc_nxg_out, sc)
+    sigma_out = _read(sigma_out, sc)
     r = momentum * sc[2]
     ga = g_out * sc[3]
     ha = h_out * sc[3]

@@ -136,9 +136,10 @@ HPARAMS: tuple[HParam, ...] = (
            "theta_out reuses theta_in's standard-normal draw (common random numbers).",
            methods=_PC),
     HParam("state_dtype", "pc_state_dtype", "float32", STATE_DTYPE,
-           "Storage of momentum and h (and IVON-PCM's g_out and h_out): 'bfloat16' halves them, "
-           "written with stochastic rounding and computed in fp32 (IVON 24 -> 20 bytes of state "
-           "per parameter, IVON-PCM 44 -> 36); the mean stays fp32.", methods=_IVON),
+           "Storage of the optimizer state: 'bfloat16' keeps momentum, h, the per-step gradient "
+           "statistics and IVON-PCM's outer statistics in bf16, computed in fp32 and written "
+           "with stochastic rounding (IVON 20 -> 14 bytes per parameter, IVON-PCM 44 -> 28); "
+           "the mean and the noise stay fp32.", methods=_IVON),
     HParam(None, "pc_start_ratio", 0.0, FRACTION,
            "Share of the run's optimizer steps without correction first, used when "
            "pc_start_step is 0 (a step count wins over a ratio, as warmup_steps over a ratio): a "

@@ -55,14 +55,18 @@ class IVON(FlatStateOptimizer):
             with a warning if compilation fails; False: never).
         chunk_size: elements per chunk of the eager update (default: 65536 on CPU, all on GPU).
         state_dtype: ``"float32"`` (default) or ``"bfloat16"`` (``torch.bfloat16``):
-            momentum and h (and IVONPC's g_out and h_out) in bf16, written with stochastic
-            rounding and computed in fp32; the mean, the noise and the accumulators stay fp32.
-            Saves 4 bytes per parameter (8 with IVONPC).
+            momentum, h and the per-step gradient statistics (and IVONPC's g_out, h_out and
+            sigma_out) in bf16, computed in fp32; momentum, h and the outer statistics are written
+            with stochastic rounding. The mean and the noise stay fp32. IVON keeps 14 instead of
+            20 bytes per parameter, IVONPC 28 instead of 44.
     """
 
     persistent_buffers = ("mean", "momentum", "hess")
     transient_buffers = ("noise", "acc_g", "acc_nxg")
-    low_precision_buffers = ("momentum", "hess")
+    # a step's only in-sample pairs noise and gradient inside the update: acc_nxg is needed only
+    # with several in-samples per step, sync, gradsq or a correction (see ``_collect``)
+    lazy_buffers = ("acc_nxg",)
+    low_precision_buffers = ("momentum", "hess", "acc_g", "acc_nxg")
 
     # ivon-opt 0.1.3's defaults (a drop-in replacement); IVONPC and PCTrainer use the project's
     def __init__(self, params, lr: float, ess: float,
@@ -251,7 +255,7 @@ class IVON(FlatStateOptimizer):
     # ------------------------------------------------------------------ inspection
     @property
     def low_precision(self) -> bool:
-        """Whether momentum and h (and g_out, h_out) are kept in bf16 (``state_dtype``)."""
+        """Whether the ``low_precision_buffers`` are kept in bf16 (``state_dtype``)."""
         return self._state_dtype != self._dtype
 
     @torch.no_grad()

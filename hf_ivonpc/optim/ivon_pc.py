@@ -53,7 +53,8 @@ class IVONPC(IVON):
 
     persistent_buffers = IVON.persistent_buffers + ("g_out", "h_out", "m_out", "sigma_out")
     transient_buffers = IVON.transient_buffers + ("acc_nxg_out",)
-    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out")
+    lazy_buffers = IVON.lazy_buffers + ("acc_nxg_out",)   # from the correction's start
+    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out", "sigma_out", "acc_nxg_out")
     corrects = True
 
     # the project's defaults (hparams), the same as PCTrainingArguments'
