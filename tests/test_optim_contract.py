@@ -230,6 +230,16 @@ def test_reference_twins_are_not_torch_optimizers(twin):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_parameters_and_groups_may_be_generators(case):
+    """As torch.optim accepts them: ``model.parameters()`` alone or as a group's params."""
+    p = make_params()
+    a = case.make(iter(p), seed=0)
+    b = case.make([{"params": iter(p[:3])}, {"params": (q for q in p[3:])}], seed=0)
+    assert [len(g["params"]) for g in a.param_groups] == [len(p)]
+    assert [len(g["params"]) for g in b.param_groups] == [3, len(p) - 3]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_state_dict_round_trip_continues_bit_exactly(case):
     pa = make_params()
     a = case.make(case.groups(pa), seed=1)

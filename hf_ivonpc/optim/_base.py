@@ -57,7 +57,8 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
             check_int_min("seed", seed, 0)
         if chunk_size is not None:
             check_int_min("chunk_size", chunk_size, 1)
-        params = list(params)
+        # generators (in a group too) are read once, here: the checks must not consume them
+        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
         check_param_list(params)
         super().__init__(params, defaults)
         for group in self.param_groups:

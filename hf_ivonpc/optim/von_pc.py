@@ -173,7 +173,7 @@ class VONPC(CorrectionSchedule, torch.optim.Optimizer):
             check_int_min("seed", seed, 0)
         check_arg("generator", generator, generator is None or isinstance(generator, torch.Generator),
                   "None or a torch.Generator")
-        params = list(params)
+        params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
         if len(params) == 0:
             raise ValueError("params is empty: the optimizer got no parameters")
         super().__init__(params, defaults)
