@@ -90,7 +90,9 @@ class StepTimer(TrainerCallback):
 
 
 def run_method(method: str, a, out: Path) -> dict:
+    """One method ("none", "ivon", "ivon_pcm"; a "_bf16" suffix keeps the state in bf16)."""
     cuda = torch.cuda.is_available()
+    pc_method, _, bf16_state = method.partition("_bf16")
     model = gpt2_model(50257, a.block, a.n_layer, a.n_head, a.n_embd, attn=a.attn, seed=0)
     if cuda:
         model = model.cuda()
@@ -98,9 +100,10 @@ def run_method(method: str, a, out: Path) -> dict:
         torch.cuda.reset_peak_memory_stats()
     total = a.warmup + a.steps
     data = RandomWindows(max(a.batch * 40, a.batch * total), a.block, 50257)
-    lr = {"none": 6e-4}.get(method, 0.3)
+    lr = {"none": 6e-4}.get(pc_method, 0.3)
+    state = {"pc_state_dtype": "bfloat16"} if method.endswith("_bf16") else {}
     args = PCTrainingArguments(
-        output_dir=str(out / method), pc_method=method, max_steps=total, learning_rate=lr,
+        output_dir=str(out / method), pc_method=pc_method, max_steps=total, learning_rate=lr, **state,
         per_device_train_batch_size=a.batch, bf16=a.bf16, use_cpu=not cuda, report_to=[],
         save_strategy="no", logging_steps=max(1, total // 4), disable_tqdm=True, seed=0,
         ivon_ess=1e10, ivon_clip_radius=1e-3, weight_decay=1e-6, warmup_steps=0,
@@ -509,7 +512,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (16; dry run: 4)")
     ap.add_argument("--block", type=int, default=None, help="tokens per sequence (1024; --evidence: 256)")
-    ap.add_argument("--methods", default="none,ivon,ivon_pcm")
+    ap.add_argument("--methods", default="none,ivon,ivon_pcm",
+                    help="comma-separated: none, ivon, ivon_pcm, and ivon_bf16 / ivon_pcm_bf16 "
+                         "(pc_state_dtype='bfloat16')")
     ap.add_argument("--attn", default="auto", help="auto: flash_attention_2 where installed, else sdpa")
     ap.add_argument("--out", default="results/gpu_check", help="scratch folder for the trainers")
     ap.add_argument("--json", default=None, help="also write the summary here")
@@ -545,19 +550,20 @@ def main(argv=None) -> dict:
     checks = {
         "losses_finite": all(math.isfinite(r["final_loss"]) for r in by.values()),
         "params_fp32": all(r["param_dtypes"] == ["float32"] for r in by.values()),
-        "optimizer_state_fp32": all(r["state_dtypes"] in ([], ["float32"]) for r in by.values()),
+        "optimizer_state_fp32": all(r["state_dtypes"] in ([], ["float32"]) for m, r in by.items()
+                                    if not m.endswith("_bf16")),
     }
     if a.bf16:
         checks["forward_bf16"] = all(r["forward_dtype"] == "bfloat16" for r in by.values())
     if summary["flash_attn_installed"]:
         checks["flash_attention_used"] = all(r["attn_implementation"] == "flash_attention_2" for r in by.values())
     if cuda and "ivon" in by and "ivon_pcm" in by:
-        # IVON-PCM adds 5 fp32 buffers (20 B/param) to IVON's; activations are not doubled
+        # IVON-PCM adds 6 fp32 buffers (24 B/param) to IVON's; activations are not doubled
         n = 12 * 12 * 768 * 768 + 50257 * 768 + a.block * 768
-        extra = 5 * 4 * n / 2**30
+        extra = 6 * 4 * n / 2**30
         checks["two_pass_memory"] = by["ivon_pcm"]["peak_memory_gib"] <= by["ivon"]["peak_memory_gib"] + 1.5 * extra
     if "none" in by:
-        for m in ("ivon", "ivon_pcm"):
+        for m in ("ivon", "ivon_pcm", "ivon_bf16", "ivon_pcm_bf16"):
             if m in by and by[m]["tokens_per_s"] and by["none"]["tokens_per_s"]:
                 summary[f"{m}_tokens_per_s_vs_adamw"] = by[m]["tokens_per_s"] / by["none"]["tokens_per_s"]
     summary["checks"] = checks

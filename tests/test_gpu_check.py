@@ -9,9 +9,11 @@ from _scripts import ROOT, load_script
 
 def test_dry_run_reports_every_method(tmp_path):
     summary = load_script("gpu_check").main(["--dry-run", "--out", str(tmp_path / "o"),
-                                             "--json", str(tmp_path / "s.json")])
+                                             "--json", str(tmp_path / "s.json"),
+                                             "--methods", "none,ivon,ivon_pcm,ivon_pcm_bf16"])
     assert json.loads((tmp_path / "s.json").read_text()) == summary
-    assert [r["method"] for r in summary["methods"]] == ["none", "ivon", "ivon_pcm"]
+    assert [r["method"] for r in summary["methods"]] == ["none", "ivon", "ivon_pcm", "ivon_pcm_bf16"]
+    assert summary["methods"][-1]["state_dtypes"] == ["bfloat16", "float32"]
     for r in summary["methods"]:
         assert r["tokens_per_s"] > 0 and r["param_dtypes"] == ["float32"]
     assert summary["all_checks_pass"] and summary["checks"]["optimizer_state_fp32"]
