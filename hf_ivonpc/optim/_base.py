@@ -43,8 +43,8 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
 
     #: whether sharded (DTensor) parameters are supported
     supports_sharding: bool = True
-    #: the buffers that ``state_dtype=torch.bfloat16`` stores in bf16 (written with stochastic
-    #: rounding); the others stay fp32
+    #: the buffers that ``state_dtype=torch.bfloat16`` stores in bf16 (computed in fp32; the
+    #: persistent ones written with stochastic rounding, see ``_kernels.store``); the others fp32
     low_precision_buffers: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable, defaults: dict, *, seed: int | None = None,
