@@ -131,11 +131,14 @@ def _results(out: Path) -> dict:
 
 
 def test_finetune_xsum_offline_default_runs(tmp_path):
-
+    """The offline default (SmolLM2-135M, IVON-PCM) starts, evaluates before and after training,
+    trains and saves the model with its posterior. One step suffices for that: the mega-batch
+    refresh, the corrected step and the IVON update of all 135M weights all happen in it; short
+    sources and summaries cut the forward and backward passes, which are most of the cost."""
     out = tmp_path / "xsum"
-    S.main(["--max_steps", "2", "--output_dir", str(out), "--max_train_samples", "8",
+    S.main(["--max_steps", "1", "--output_dir", str(out), "--max_train_samples", "8",
                         "--per_device_train_batch_size", "2", "--pc_megabatch_factor", "1",
-                        "--pc_refresh_steps", "1", "--max_source_length", "48",
+                        "--pc_refresh_steps", "1", "--max_source_length", "16", "--max_target_length", "8",
                         "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
                         "--eval_before_training", "--eval_strategy", "no", "--logging_steps", "1",
                         "--disable_tqdm", "true"])
@@ -144,9 +147,13 @@ def test_finetune_xsum_offline_default_runs(tmp_path):
         assert key in r, key
     assert r["eval_generated"] == 2 and r["train_examples"] == 8
     assert r["eval_loss"] != r["base_loss"]                              # it trained
+    assert r["n_params"] > 100e6                                         # the real SmolLM2-135M
     preds = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 2 and preds[0]["reference"]
     assert (out / "model.safetensors").exists() and (out / "training_curves.png").exists()
+    assert (out / "posterior.safetensors").exists()
+    logs = json.loads((out / "log_history.json").read_text())
+    assert any("pc/megabatch_loss" in h for h in logs)                  # the step was corrected
 
 
 class _Recorder:
@@ -170,7 +177,7 @@ def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monk
 
     rec = _Recorder(monkeypatch, G)
     argv = ["--max_steps", "2", "--max_train_samples", "8", "--per_device_train_batch_size", "2",
-            "--pc_megabatch_factor", "1", "--pc_refresh_steps", "1", "--max_length", "64",
+            "--pc_megabatch_factor", "1", "--pc_refresh_steps", "1", "--max_length", "32",
             "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
             "--lora_r", "2", "--eval_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]
     out = tmp_path / "gsm8k"

@@ -20,10 +20,21 @@ _compile_failed: set[Callable] = set()
 _lock = threading.Lock()
 
 
+#: compiled specializations per kernel: one per combination of flags, optional buffers and
+#: dtypes used in the process (torch's default of 8 is reached by a test suite or a process
+#: that trains several configurations; then ``fused=True`` would raise)
+RECOMPILE_LIMIT = 64
+
+
 def _compiled_version(fn: Callable) -> Callable:
     with _lock:
         if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+            def call(*args, _compiled=compiled, **kwargs):
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return _compiled(*args, **kwargs)
+            _compiled[fn] = call
         return _compiled[fn]
 
 
@@ -142,6 +153,10 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
             extra = aw * (h_out - h_hat_out) * (mean - m_out)
     g_new = b1 * _read(momentum, sc) + c1 * g_hat     # line 11
     h_new = b2 * h + c2 * h_hat + c22 * (h - h_hat) * (h - h_hat) / hpd   # line 12
+    if hess.dtype == torch.bfloat16:
+        # line 12 keeps h + wd > 0 (it at most halves it), but bf16 resolves h near -wd only to
+        # wd 2^-8: below -wd (1 - 2^-7) a rounding could take h + wd to 0 or under (sigma inf)
+        h_new = torch.maximum(h_new, wd * -(1.0 - 2.0 ** -7))
     store(momentum, g_new, bits, 0)
     store(hess, h_new, bits, 1)
     num = g_new / debias + wd * mean                   # lines 13-14
