@@ -155,13 +155,22 @@ def _model_and_data(regime: str, seed: int):
 
 # ----------------------------------------------------------------------------------------- run
 def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
-    """One run: ``cfg`` holds method, seed, lr and, for the corrected methods, alpha,
-    mean_term_weight (w) and rho; the regime fixes the rest."""
+    """One run on ``threads`` threads (its CPU time is its cost): ``cfg`` holds method, seed, lr
+    and, for the corrected methods, alpha, mean_term_weight (w) and rho; the regime fixes the
+    rest. The caller's thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train_run(regime, cfg)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_run(regime: str, cfg: dict) -> dict:
     from ..args import PCTrainingArguments
     from ..metrics import classification_metrics
     from ..trainer import PCTrainer
 
-    torch.set_num_threads(threads)
     r = REGIMES[regime]
     method = cfg["method"]
     pc = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon"}.get(method, "ivon_pcm")
