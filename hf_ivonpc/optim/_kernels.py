@@ -99,6 +99,11 @@ def _read(buf, sc):
 
 
 # ---------------------------------------------------------------------------- IVON / IVON-PCM
+def product(out, a, b, sc):
+    """out <- a b (computed in fp32 / fp64 whatever the buffers' dtypes)."""
+    out.copy_(a.to(sc.dtype) * b.to(sc.dtype))
+
+
 def ivon_scale_noise(noise, hess, sc):
     """noise <- noise / sqrt(ess (h + wd));  sc = [ess, wd]."""
     noise.div_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt())

@@ -145,7 +145,7 @@ class IVON(FlatStateOptimizer):
         for gi, pending in enumerate(self._nxg_pending):
             if pending:
                 flat = self._flat[gi]
-                torch.mul(flat["noise"], flat["acc_g"], out=flat["acc_nxg"])
+                self._run(K.product, {"out": flat["acc_nxg"], "a": flat["noise"], "b": flat["acc_g"]}, [])
                 self._nxg_pending[gi] = False
 
     def _all_reduce(self, names) -> None:
