@@ -184,3 +184,37 @@ def test_bf16_h_keeps_the_posterior_precision_positive(fused):
         noise = torch.randn(n, generator=torch.Generator().manual_seed(_ + 1))
     assert (h.float() + wd > 0).all()
     assert (h.float() < -wd * 0.99).all()    # it did go where the rounding would cross
+
+
+@pytest.mark.parametrize("cls, micro", [(IVON, 3)])
+def test_bf16_accumulators_hold_the_rounded_fp32_sums(cls, micro):
+    """Several in-samples summed into a bf16 acc_g: each addition rounds once, so it stays within
+    a bf16 rounding per addition of the largest partial sum of the fp32 optimizer (same seed and,
+    with h0 a power of two, the same draws)."""
+    x, y = make_data(dtype=torch.float32)
+    # (acc_nxg is formed from the rounded acc_g at the next draw, not summed pair by pair)
+    names = ["acc_g"] + (["acc_nxg_out"] if cls is IVONPC else [])
+    flats, peak = {}, {}
+    for state_dtype in ("float32", "bfloat16"):
+        params = make_params(dtype=torch.float32)
+        opt = cls(params, lr=0.1, ess=50.0, hess_init=2.0 ** -4, seed=4, state_dtype=state_dtype)
+        if opt.needs_refresh:
+            with opt.refreshing():
+                with opt.sampled_params(train=True, at="mega"):
+                    loss_fn(params, x, y).backward()
+        passes = ["in", "out"] if getattr(opt, "correction_active", False) else ["in"]
+        for part in torch.arange(8 * micro).chunk(micro):
+            for at in passes:
+                with opt.sampled_params(train=True, at=at):
+                    loss_fn(params, x[part], y[part]).backward()
+                flat = opt.flat_state(transient=True)[0]
+                for name in names:
+                    if name in flat and state_dtype == "float32":
+                        peak[name] = torch.maximum(peak.get(name, flat[name].abs()), flat[name].abs())
+        flats[state_dtype] = opt.flat_state(transient=True)[0]
+    additions = micro * len(passes)
+    for name in names:
+        a, b = flats["float32"][name], flats["bfloat16"][name]
+        assert b.dtype == torch.bfloat16
+        assert torch.all((b.float() - a).abs() <= additions * 2.0 ** -8 * peak[name] + 1e-12), name
+        assert (b.float() != a).any()   # they were rounded

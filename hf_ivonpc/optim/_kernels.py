@@ -101,7 +101,7 @@ def _read(buf, sc):
 # ---------------------------------------------------------------------------- IVON / IVON-PCM
 def product(out, a, b, sc):
     """out <- a b (computed in fp32 / fp64 whatever the buffers' dtypes)."""
-    out.copy_(a.to(sc.dtype) * b.to(sc.dtype))
+    out.copy_(_read(a, sc) * _read(b, sc))
 
 
 def ivon_scale_noise(noise, hess, sc):

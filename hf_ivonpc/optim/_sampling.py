@@ -143,46 +143,36 @@ class SamplingProtocol:
 
     def _acc(self, gi: int, name: str, idx: list[int], src: list[torch.Tensor],
              other: list[torch.Tensor] | None = None, alpha: float = 1.0) -> None:
-        """Accumulator ``name`` (+)= alpha * src (* other): the first write of a step overwrites."""
+        """Accumulator ``name`` (+)= alpha * src (* other): the first write of a step overwrites.
+
+        A bf16 accumulator (``state_dtype``) is updated tensor by tensor in fp32 and rounded to
+        nearest once, as the mixed-dtype ops would, but on torch's vectorized paths."""
         dst = self._views_of(gi, name, idx)
-        if dst and dst[0].dtype != src[0].dtype:   # a low-precision accumulator
-            return self._acc_cast(gi, name, dst, src, other, alpha)
+        cast = dst[0].dtype != src[0].dtype
         if name not in self._written[gi]:
             self._written[gi].add(name)
             if len(idx) == len(self._views[gi][name]) and alpha == 1.0:
                 if other is None:
                     torch._foreach_copy_(dst, src)
+                elif cast:
+                    for d, s, o in zip(dst, src, other):
+                        d.copy_(torch.mul(s, o))
                 else:
                     binary_out(torch.mul, dst, src, other)
                 return
             self._flat[gi][name].zero_()
-        if other is None:
+        if cast:
+            for i, (d, s) in enumerate(zip(dst, src)):
+                t = d.to(s.dtype)
+                if other is None:
+                    t.add_(s, alpha=alpha)
+                else:
+                    t.addcmul_(s, other[i], value=alpha)
+                d.copy_(t)
+        elif other is None:
             torch._foreach_add_(dst, src, alpha=alpha)
         else:
             torch._foreach_addcmul_(dst, src, other, value=alpha)
-
-    def _acc_cast(self, gi, name, dst, src, other, alpha) -> None:
-        """``_acc`` into bf16 views, tensor by tensor: computed in fp32 and rounded to nearest
-        once, as the mixed-dtype ops would, but on torch's vectorized paths (a parameter-sized
-        fp32 temporary at a time)."""
-        first = name not in self._written[gi]
-        self._written[gi].add(name)
-        if first and len(dst) != len(self._views[gi][name]):
-            self._flat[gi][name].zero_()
-        elif first and alpha == 1.0:   # overwrite: a rounding copy of src (* other)
-            if other is None:
-                torch._foreach_copy_(dst, src)
-            else:
-                for d, s, o in zip(dst, src, other):
-                    d.copy_(torch.mul(s, o))
-            return
-        for i, (d, s) in enumerate(zip(dst, src)):
-            t = d.to(s.dtype)
-            if other is None:
-                t.add_(s, alpha=alpha)
-            else:
-                t.addcmul_(s, other[i], value=alpha)
-            d.copy_(t)
 
     # ------------------------------------------------------------------ outer loop
     @contextmanager
