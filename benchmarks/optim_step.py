@@ -19,9 +19,9 @@ no forward or backward). What is timed per variant and repetition:
   bandwidth (8 bytes moved per number), the yardstick of the GB/s column.
 * ``randn``: ``torch.randn`` of as many floats as there are parameters (the noise floor).
 * ``normal_gen``: ``buf.normal_(generator=ivon.generator)`` on a preallocated buffer of that size.
-* ``noise_draw``: the standard-normal draw our IVON step itself makes, on its own
-  (``ivon._draw_standard_normal(buf)``: parallel streams on CPU), where that method exists;
-  ``noise_share_ivon`` = noise_draw / ivon (normal_gen / ivon without it).
+* ``noise_draw``: the draw our IVON step itself makes, on its own (``ivon._draw_noise``: the
+  noise N(0, 1) / sigma drawn by the counter-based generator inside one compiled pass), where
+  that method exists; ``noise_share_ivon`` = noise_draw / ivon (normal_gen / ivon without it).
 * with ``--eager``: ``ivon_eager`` / ``ivon_pcm_eager``, ours with ``fused=False`` (no torch.compile).
 
 Bytes moved per step (``traffic``) count what each pass over memory of the step reads and writes
@@ -76,14 +76,14 @@ def traffic(variant: str) -> list[tuple[str, float]] | None:
     if variant == "adamw_fused":
         return [("update: r param grad m v, w param m v", 28)]
     if variant in ("ivon", "ivon_bf16"):
-        return [("normal draw: w noise", 4), ("scale noise: r noise h, w noise", 8 + s),
+        return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
                 ("collect: r grad, w acc_g", 8),
                 ("update: r mean m h acc_g noise, w mean m h", 4 + 2 * s + 8 + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant in ("ivon_pcm", "ivon_pcm_bf16"):
         bits = 4 if s == 2 else 0   # the noise is read again for the rounding bits
-        return [("normal draw: w noise", 4), ("scale noise: r noise h, w noise", 8 + s),
+        return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
                 ("collect in: r grad, w acc_g", 8),
                 ("noise x grad: r noise acc_g, w acc_nxg", 12),
@@ -260,9 +260,11 @@ def build_variants(shapes, grads, numel: int, eager: bool = False) -> list[Varia
     buf = torch.empty(numel)
     gen = ours.generator
     variants.append(Variant("normal_gen", [], None, lambda: buf.normal_(generator=gen), lambda: 0))
-    if hasattr(ours, "_draw_standard_normal"):  # the draw our step makes (e.g. parallel streams)
-        variants.append(Variant("noise_draw", [], None, lambda: ours._draw_standard_normal(buf),
-                                lambda: 0))
+    if hasattr(ours, "_draw_noise"):  # the draw our step makes: N(0, 1) / sigma, one pass
+        def noise_draw():
+            for gi, group in enumerate(ours.param_groups):
+                ours._draw_noise(gi, group)
+        variants.append(Variant("noise_draw", [], None, noise_draw, lambda: 0))
     return variants
 
 

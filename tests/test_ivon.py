@@ -140,16 +140,47 @@ def test_step_with_closure_like_ivon_opt():
     assert loss is not None and opt.global_step == 1
 
 
-def test_parallel_noise_is_reproducible_and_standard_normal():
+def _counter_draw(n, seed=0, **kw):
     from hf_ivonpc.optim._random import standard_normal_
-    a, b = torch.empty(1 << 21), torch.empty(1 << 21)
-    standard_normal_(a, torch.Generator().manual_seed(0))
-    standard_normal_(b, torch.Generator().manual_seed(0))
-    assert torch.equal(a, b)
-    assert abs(a.mean().item()) < 3e-3 and abs(a.std().item() - 1) < 3e-3
-    if torch.get_num_threads() > 1:  # the halves come from differently seeded streams
-        h = a.numel() // torch.get_num_threads()
-        assert not torch.equal(a[:100], a[h:h + 100])
+    return standard_normal_(torch.empty(n), torch.Generator().manual_seed(seed), **kw)
+
+
+def test_counter_noise_is_standard_normal_and_independent():
+    n = 1 << 21   # the counter-based generator's range
+    a = _counter_draw(n)
+    assert torch.equal(a, _counter_draw(n))
+    assert abs(a.mean().item()) < 4 * n ** -0.5 and abs(a.var().item() - 1) < 4 * (2 / n) ** 0.5
+    assert abs((a ** 3).mean().item()) < 4 * (15 / n) ** 0.5
+    assert abs((a ** 4).mean().item() - 3) < 4 * (96 / n) ** 0.5
+    # the empirical CDF against Phi (Kolmogorov-Smirnov at the 0.1% level)
+    s = a.double().sort().values
+    cdf = torch.special.ndtr(s)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    assert max((i / n - cdf).max().item(), (cdf - (i - 1) / n).max().item()) < 1.95 * n ** -0.5
+    # no correlation between the two Box-Muller outputs (the halves), neighbours, or seeds
+    m = n // 2
+    b = _counter_draw(n, seed=1)
+    for x, y in ((a[:m], a[m:]), (a[:-1], a[1:]), (a, b)):
+        assert abs((x * y).mean().item()) < 4 * x.numel() ** -0.5
+
+
+def test_counter_noise_does_not_depend_on_threads_chunks_or_length():
+    n = (1 << 21) + 1
+    a = _counter_draw(n)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(a, _counter_draw(n))
+    finally:
+        torch.set_num_threads(threads)
+    eager = _counter_draw(n, fused=False)
+    assert torch.equal(eager, _counter_draw(n, fused=False, chunk=1 << 10))
+    assert (eager - a).abs().max() < 1e-5          # compiled and eager: the same up to rounding
+    # element j and m + j are the two outputs of counter j, an odd last one counter m's first:
+    # a buffer one longer has the same first m + 1 draws
+    m = n // 2
+    longer = _counter_draw(n + 1, fused=False)
+    assert torch.equal(longer[:m], eager[:m]) and torch.equal(longer[m], eager[-1])
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._kernels import run_kernel
-from ._random import standard_normal_
+from ._random import counter_key, standard_normal_
 from ._sharding import local, state_view
 
 #: with ``fused=None``, groups smaller than this run eagerly (a compiled call costs ~0.1 ms)
@@ -143,8 +143,9 @@ class FlatBuffers:
 
     # ------------------------------------------------------------------ arithmetic
     def _run(self, fn, tensors: dict, scalars: list[float], ranges: list[slice] | None = None,
-             **flags) -> None:
-        """Run an element-wise kernel of ``_kernels`` over flat buffers (fused or chunked)."""
+             counter: torch.Tensor | None = None, **flags) -> None:
+        """Run an element-wise kernel of ``_kernels`` over flat buffers (fused or chunked; with
+        ``counter``, a kernel that draws its own noise: see ``_kernels.run_kernel``)."""
         sc = torch.tensor(scalars, dtype=self._dtype, device=self._device)
         n = next(iter(tensors.values())).numel()
         if ranges is None:
@@ -152,10 +153,16 @@ class FlatBuffers:
         fused = self.fused
         if fused is None and n < FUSE_MIN_NUMEL:
             fused = False  # compiling pays off only for large buffers
-        run_kernel(fn, tensors, sc, fused=fused, chunk=self._chunk, ranges=ranges, **flags)
+        run_kernel(fn, tensors, sc, fused=fused, chunk=self._chunk, ranges=ranges, counter=counter,
+                   **flags)
 
     def _draw_standard_normal(self, buf: torch.Tensor) -> None:
-        standard_normal_(buf, self.generator)
+        standard_normal_(buf, self.generator, fused=self.fused, chunk=self._chunk)
+
+    def _noise_key(self, buf: torch.Tensor) -> torch.Tensor | None:
+        """The key of a counter-based draw into ``buf`` by a kernel (None: ``buf`` is small and is
+        filled by ``_draw_standard_normal``)."""
+        return counter_key(buf, self.generator)
 
     # ------------------------------------------------- parameters <-> mean buffer
     def _param_versions(self) -> list[tuple[int, int]]:

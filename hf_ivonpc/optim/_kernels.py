@@ -39,17 +39,24 @@ def _compiled_version(fn: Callable) -> Callable:
 
 
 def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: bool | None,
-               chunk: int, ranges: list[slice], **flags) -> None:
+               chunk: int, ranges: list[slice], counter: torch.Tensor | None = None,
+               **flags) -> None:
     """Apply ``fn(**tensors_slice, sc=scalars, **flags)`` over each range of the flat buffers.
 
     ``fused=None`` compiles and falls back to eager chunks (with one warning) if compilation fails;
     ``fused=True`` compiles and raises on failure; ``fused=False`` never compiles.
+
+    With ``counter`` (a key of ``counter_key``) the kernel draws standard normals
+    (``standard_normal_pairs``) over whole buffers: it gets each buffer as a pair of slices, one in
+    each half (``buf[lo:hi]`` and ``buf[m + lo:m + hi]``, m = n // 2), and ``counter`` offset
+    by lo (an odd last element comes alone, with the counter m): the draw is the same whatever
+    the slicing, fused or chunked.
     """
     if fused or (fused is None and fn not in _compile_failed):
         try:
             cfn = _compiled_version(fn)
-            for r in ranges:
-                cfn(**{k: v[r] for k, v in tensors.items()}, sc=scalars, **flags)
+            for kw in _slices(tensors, ranges, None, counter):
+                cfn(**kw, sc=scalars, **flags)
             return
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             if fused:
@@ -58,10 +65,78 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
                           "using the eager chunked kernels (pass fused=False to skip compiling)",
                           RuntimeWarning, stacklevel=3)
-    for r in ranges:
-        for lo in range(r.start, r.stop, chunk):
-            sl = slice(lo, min(lo + chunk, r.stop))
-            fn(**{k: v[sl] for k, v in tensors.items()}, sc=scalars, **flags)
+    for kw in _slices(tensors, ranges, chunk, counter):
+        fn(**kw, sc=scalars, **flags)
+
+
+def _slices(tensors: dict, ranges: list[slice], chunk: int | None, counter: torch.Tensor | None):
+    """The keyword arguments of each kernel call: the ranges cut in chunks (None: whole)."""
+    if counter is None:
+        for r in ranges:
+            step = chunk or max(r.stop - r.start, 1)
+            for lo in range(r.start, r.stop, step):
+                sl = slice(lo, min(lo + step, r.stop))
+                yield {k: v[sl] for k, v in tensors.items()}
+        return
+    n = next(iter(tensors.values())).numel()
+    if ranges != [slice(0, n)]:
+        raise ValueError("a kernel that draws noise runs over whole buffers")
+    m = n // 2
+    step = max((chunk or n) // 2, 1)
+    for lo in range(0, m, step):
+        hi = min(lo + step, m)
+        yield dict({k: (v[lo:hi], v[m + lo:m + hi]) for k, v in tensors.items()},
+                   counter=_offset(counter, lo))
+    if n % 2:
+        yield dict({k: (v[2 * m:],) for k, v in tensors.items()}, counter=_offset(counter, m))
+
+
+def _offset(counter: torch.Tensor, columns: int) -> torch.Tensor:
+    if columns == 0:
+        return counter
+    out = counter.clone()
+    out[4] += columns
+    return out
+
+
+# ---------------------------------------------------------------------------- counter-based noise
+# Standard normals as a pure function of (key, counter), so that a kernel can draw them itself
+# (in the loop that uses them: no pass over memory to fill a buffer first), on any device, with the
+# same stream whatever the chunking and the thread count. Two 32-bit words per counter come from
+# a keyed integer hash (two rounds of a 32-bit finalizer with the keys between them); Box-Muller
+# turns them into two independent N(0, 1), the cosine output for the counter's column in the first
+# half of a buffer and the sine output for its column in the second half. The uniforms have 24
+# bits (as torch's own CPU normal_), so |z| <= 5.9.
+def _mix(x):
+    """A bijective 32-bit integer finalizer (xor-shift-multiply) on int32 with wrapping products;
+    right shifts are logical (masked)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * -0x7B935975             # 0x846CA68B as int32
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def standard_normal_pairs(counter, like, dtype):
+    """N(0, 1) draws for ``like``, a pair of slices of equal length m (or one of length 1): for
+    the first the cosine outputs, for the second the sine outputs of the counters
+    ``counter[4] + i``; ``counter[:4]`` are the keys."""
+    m = like[0].shape[0]
+    c = torch.arange(m, dtype=torch.int64, device=counter.device) + counter[4]
+    lo, hi = c.to(torch.int32), (c >> 32).to(torch.int32)
+    k = counter[:4].to(torch.int32)
+    a = _mix(_mix(lo ^ k[0]) ^ (k[1] + hi))
+    b = _mix(_mix(lo ^ k[2]) ^ (k[3] + hi))
+    u = (((a >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216)     # in (0, 1)
+    t = ((b >> 8) & 0xFFFFFF).to(dtype) * (6.283185307179586 / 16777216)
+    r = torch.sqrt(-2.0 * torch.log(u))
+    return [r * torch.cos(t), r * torch.sin(t)][:len(like)]
+
+
+def normal_fill(out, sc, counter):
+    """out <- N(0, 1) draws (``standard_normal_pairs``)."""
+    for o, z in zip(out, standard_normal_pairs(counter, out, sc.dtype)):
+        o.copy_(z)
 
 
 # ---------------------------------------------------------------------------- low-precision state
@@ -107,6 +182,12 @@ def product(out, a, b, sc):
 def ivon_scale_noise(noise, hess, sc):
     """noise <- noise / sqrt(ess (h + wd));  sc = [ess, wd]."""
     noise.div_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt())
+
+
+def ivon_draw_noise(noise, hess, sc, counter):
+    """noise <- z / sqrt(ess (h + wd)) with z drawn in the loop;  sc = [ess, wd]."""
+    for nz, h, z in zip(noise, hess, standard_normal_pairs(counter, noise, sc.dtype)):
+        nz.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt())
 
 
 def ivon_noise_to_out(noise, hess, sigma_out, sc):

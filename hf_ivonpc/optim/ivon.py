@@ -110,11 +110,16 @@ class IVON(FlatStateOptimizer):
 
     # ------------------------------------------------------------------ sampling
     def _draw_noise(self, gi: int, group: dict) -> None:
-        """noise <- N(0, I) / sqrt(ess (h + wd))."""
+        """noise <- N(0, I) / sqrt(ess (h + wd)) (drawn in the same pass for large groups)."""
         flat = self._flat[gi]
+        tensors = {"noise": flat["noise"], "hess": flat["hess"]}
+        sc = [group["ess"], group["weight_decay"]]
+        key = self._noise_key(flat["noise"])
+        if key is not None:
+            self._run(K.ivon_draw_noise, tensors, sc, counter=key)
+            return
         self._draw_standard_normal(flat["noise"])
-        self._run(K.ivon_scale_noise, {"noise": flat["noise"], "hess": flat["hess"]},
-                  [group["ess"], group["weight_decay"]])
+        self._run(K.ivon_scale_noise, tensors, sc)
 
     def _draw(self, at: str) -> None:
         self._materialize_nxg()
