@@ -15,6 +15,8 @@ no forward or backward). What is timed per variant and repetition:
   timed steps contain no refresh; the refresh is timed separately (``refresh_ms``).
 * ``alpha_svrg_adamw``: ``hf_ivonpc.optim.AlphaSVRG(alpha=0.5, base="adamw")``, same as ivon_pcm.
 * ``ivon_bf16`` / ``ivon_pcm_bf16``: the same with ``state_dtype="bfloat16"``.
+* ``ivon_regen`` / ``ivon_pcm_regen``: the same with ``regenerate_noise=True`` (no noise buffer:
+  the noise is drawn again where the step needs it; the default on accelerators).
 * ``copy``: ``dst.copy_(src)`` of as many floats as there are parameters: the machine's copy
   bandwidth (8 bytes moved per number), the yardstick of the GB/s column.
 * ``randn``: ``torch.randn`` of as many floats as there are parameters (the noise floor).
@@ -72,6 +74,24 @@ def traffic(variant: str) -> list[tuple[str, float]] | None:
     """The passes over memory of one step, (what, bytes per parameter read + written), for fp32
     parameters and gradients and one in-sample per step (None where not modelled). ``s`` is a
     state buffer's size: 4 bytes, 2 for momentum, h, g_out and h_out with bf16 state."""
+    if variant.endswith("_regen"):   # no noise buffer: the noise is drawn again where needed
+        base = traffic(variant[:-len("_regen")])
+        s = 2 if "_bf16" in variant else 4
+        if base is None:
+            return None
+        again = ("draw noise again: r h, w temporary", s + 4)
+        if variant.startswith("ivon_pcm"):   # for noise x grad (in) and for the out collection
+            base = [("draw theta_out noise: r sigma_out, w temporary", s + 4) if w.startswith("noise to")
+                    else (w, b) for w, b in base]
+            out = []
+            for w, b in base:
+                if w.startswith(("noise x grad", "collect out")):
+                    out.append(again)
+                out.append((w, b))
+            return out
+        # IVON's update draws the noise in its loop instead of reading it
+        return [(w.replace(" noise, w", ", w"), b - 4) if w.startswith("update") else (w, b)
+                for w, b in base]
     s = 2 if variant.endswith("_bf16") else 4
     if variant == "adamw_fused":
         return [("update: r param grad m v, w param m v", 28)]
@@ -239,6 +259,12 @@ def build_variants(shapes, grads, numel: int, eager: bool = False) -> list[Varia
         params = make_params(shapes, 0)
         corrected("ivon_pcm_bf16", IVONPC(params, **IVON_KW, refresh_every=10**9, seed=0,
                                           state_dtype="bfloat16"), params)
+    if _accepts(IVON, "regenerate_noise"):   # no noise buffer (the default on accelerators)
+        params = make_params(shapes, 0)
+        plain("ivon_regen", IVON(params, **IVON_KW, seed=0, regenerate_noise=True), params)
+        params = make_params(shapes, 0)
+        corrected("ivon_pcm_regen", IVONPC(params, **IVON_KW, refresh_every=10**9, seed=0,
+                                           regenerate_noise=True), params)
     params = make_params(shapes, 0)
     corrected("alpha_svrg_adamw",
               AlphaSVRG(params, lr=1e-3, alpha=0.5, base="adamw", refresh_every=10**9, seed=0),
@@ -380,7 +406,8 @@ def main(argv=None) -> dict:
         return d[a] / d[b] if a in d and b in d else None
 
     pairs = [("ivon", "adamw_fused"), ("ivon_pcm", "adamw_fused"), ("ivon_bf16", "adamw_fused"),
-             ("ivon_pcm_bf16", "adamw_fused"), ("ivon", "ivon_opt"),
+             ("ivon_pcm_bf16", "adamw_fused"), ("ivon_regen", "adamw_fused"),
+             ("ivon_pcm_regen", "adamw_fused"), ("ivon", "ivon_opt"),
              ("ivon_pcm", "ivon_opt"), ("alpha_svrg_adamw", "adamw_fused"),
              ("adamw_foreach", "adamw_fused"), ("randn", "adamw_fused"), ("ivon_opt", "adamw_fused"),
              ("ivon_pcm", "ivon")]

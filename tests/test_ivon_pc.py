@@ -30,17 +30,20 @@ def _close(a, b, rtol=1e-10):
         assert torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-2), (x - y).abs().max()
 
 
-@pytest.mark.parametrize("shared_noise,micro,fused,counter", [
-    (True, 1, False, False), (False, 1, False, False), (True, 3, False, False),
-    (False, 3, False, False), (True, 3, True, False), (True, 1, True, False),
-    # the counter-based noise of large groups (drawn inside IVON's kernel) on this small problem
-    (True, 1, False, True), (False, 3, True, True),
+@pytest.mark.parametrize("shared_noise,micro,fused,noise", [
+    (True, 1, False, "kept"), (False, 1, False, "kept"), (True, 3, False, "kept"),
+    (False, 3, False, "kept"), (True, 3, True, "kept"), (True, 1, True, "kept"),
+    # the counter-based noise of large groups (drawn inside IVON's kernel) on this small problem,
+    # kept from the draw to the step or drawn again where needed
+    (True, 1, False, "counter"), (False, 3, True, "counter"),
+    (True, 1, True, "regenerated"), (True, 1, False, "regenerated"), (False, 3, False, "regenerated"),
 ])
-def test_fast_equals_reference(shared_noise, micro, fused, counter, monkeypatch):
-    if counter:
+def test_fast_equals_reference(shared_noise, micro, fused, noise, monkeypatch):
+    if noise != "kept":
         monkeypatch.setattr(_random, "COUNTER_MIN", 0)
     x, y = make_data()
     fast, pf, slow, pr = _pair(shared_noise, fused=fused)
+    fast.regenerate_noise = noise == "regenerated"
     lf = drive(fast, pf, 24, x, y, micro=micro)
     lr_ = drive(slow, pr, 24, x, y, micro=micro)
     assert fast.refreshes == slow.refreshes == 6  # steps 3, 7, ..., 23
@@ -50,6 +53,40 @@ def test_fast_equals_reference(shared_noise, micro, fused, counter, monkeypatch)
     _close([fast.state[p]["h_out"] for p in pf], [slow.state[p]["h_out"] for p in pr])
     # clipping was exercised, so it is part of what is compared
     assert any((slow.state[p]["m"] != 0).any() for p in pr)
+
+
+@pytest.mark.parametrize("cls", [IVON, IVONPC])
+@pytest.mark.parametrize("state_dtype,micro", [("float32", 1), ("float32", 2), ("bfloat16", 1),
+                                               ("bfloat16", 2)])
+def test_regenerated_noise_is_the_kept_noise_bit_for_bit(cls, state_dtype, micro, monkeypatch):
+    monkeypatch.setattr(_random, "COUNTER_MIN", 0)
+    x, y = make_data(dtype=torch.float32)
+    runs = []
+    for regenerate in (False, True):
+        params = make_params(dtype=torch.float32)
+        pc = PC if cls is IVONPC else {}
+        opt = cls(groups_of(params), **HP, **pc, seed=4, regenerate_noise=regenerate,
+                  state_dtype=state_dtype, fused=True)
+        drive(opt, params, 12, x, y, micro=micro)
+        runs.append((opt, params))
+    (kept, pk), (regen, pg) = runs
+    assert "noise" in kept.flat_state(transient=True)[0]
+    assert "noise" not in regen.flat_state(transient=True)[0]   # never allocated
+    if cls is IVONPC:
+        assert regen.refreshes == kept.refreshes > 0
+    for a, b in zip(pk, pg):
+        assert torch.equal(a, b)
+    for fa, fb in zip(kept.flat_state(), regen.flat_state()):
+        for name in fa:
+            assert torch.equal(fa[name], fb[name]), name
+
+
+def test_regenerate_noise_default_and_check():
+    params = make_params(dtype=torch.float32)
+    opt = IVONPC(params, **HP)
+    assert opt.regenerate_noise is None   # None: kept on CPU, regenerated on accelerators
+    with pytest.raises(ValueError, match="regenerate_noise.*'yes'.*None, True or False"):
+        IVONPC(params, **HP, regenerate_noise="yes")
 
 
 def test_alpha_zero_is_ivon_bit_for_bit():

@@ -87,11 +87,12 @@ def test_h_moves_in_bf16_as_in_fp32():
     assert error.median() < 0.2 * moved.median()       # ... and bf16 followed it
 
 
-@pytest.mark.parametrize("fused,counter", [(False, False), (True, False), (True, True)])
-def test_bf16_state_resumes_bit_exact(fused, counter, monkeypatch):
+@pytest.mark.parametrize("fused,counter,regenerate", [
+    (False, False, False), (True, False, False), (True, True, False), (True, True, True)])
+def test_bf16_state_resumes_bit_exact(fused, counter, regenerate, monkeypatch):
     if counter:   # the counter-based noise of large groups, on this small problem
         monkeypatch.setattr(_random, "COUNTER_MIN", 0)
-    kw = dict(refresh_every=3, beta2=0.99, fused=fused)
+    kw = dict(refresh_every=3, beta2=0.99, fused=fused, regenerate_noise=regenerate)
     full, p_full = _run("bfloat16", 8, IVONPC, **kw)
     half, p_half = _run("bfloat16", 4, IVONPC, **kw)
     buf = io.BytesIO()
@@ -110,17 +111,23 @@ def test_bf16_state_resumes_bit_exact(fused, counter, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("cls, micro, fp32, bf16", [
-    (IVON, 1, 20, 14),     # one in-sample per step: noise x grad is formed inside the update
-    (IVON, 2, 24, 16),     # several: their noise x grad pairs are accumulated (acc_nxg)
-    (IVONPC, 1, 44, 28),   # correction on: g_out, h_out, m_out, sigma_out and two pair buffers
+@pytest.mark.parametrize("cls, micro, regenerate, fp32, bf16", [
+    (IVON, 1, False, 20, 14),     # one in-sample per step: noise x grad formed inside the update
+    (IVON, 2, False, 24, 16),     # several: their noise x grad pairs are accumulated (acc_nxg)
+    (IVONPC, 1, False, 44, 28),   # correction on: g_out, h_out, m_out, sigma_out, two pair buffers
+    # no noise buffer: the noise is drawn again from its key where the step needs it
+    (IVON, 1, True, 16, 10),
+    (IVON, 2, True, 20, 12),
+    (IVONPC, 1, True, 40, 24),
 ])
-def test_state_bytes_per_parameter(cls, micro, fp32, bf16):
+def test_state_bytes_per_parameter(cls, micro, regenerate, fp32, bf16, monkeypatch):
+    if regenerate:   # a group large enough for the counter-based noise
+        monkeypatch.setattr(_random, "COUNTER_MIN", 0)
     x, y = make_data(dtype=torch.float32)
     for state_dtype, expected in (("float32", fp32), ("bfloat16", bf16)):
         params = make_params(dtype=torch.float32)
         n = sum(p.numel() for p in params)
-        opt = cls(params, lr=0.1, ess=10.0, state_dtype=state_dtype)
+        opt = cls(params, lr=0.1, ess=10.0, state_dtype=state_dtype, regenerate_noise=regenerate)
         drive(opt, params, 3, x, y, micro=micro)
         assert opt.state_nbytes() == expected * n, state_dtype
         flat = opt.flat_state(transient=True)[0]

@@ -108,12 +108,17 @@ class FlatBuffers:
         params = self._params(gi)
         buf = torch.zeros(sum(p.numel() for p in params), device=self._device,
                           dtype=self._buffer_dtype(name))
-        offset, views[name] = 0, []
-        for p in params:
-            views[name].append(buf[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        views[name] = self._split(gi, buf)
         flat[name] = buf
         return buf
+
+    def _split(self, gi: int, buf: torch.Tensor) -> list[torch.Tensor]:
+        """A flat tensor laid out as group ``gi``'s buffers, as views shaped as its parameters."""
+        offset, out = 0, []
+        for p in self._params(gi):
+            out.append(buf[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return out
 
     def _buffer_dtype(self, name: str) -> torch.dtype:
         """fp32 (fp64 with fp64 parameters), or ``state_dtype`` for the low-precision buffers."""

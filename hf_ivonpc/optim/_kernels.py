@@ -190,6 +190,12 @@ def ivon_draw_noise(noise, hess, sc, counter):
         nz.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt())
 
 
+def ivon_draw_noise_out(noise, sigma_out, sc, counter):
+    """noise <- z sigma_out with z drawn in the loop (theta_out's noise)."""
+    for nz, s, z in zip(noise, sigma_out, standard_normal_pairs(counter, noise, sc.dtype)):
+        nz.copy_(z * _read(s, sc))
+
+
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
     noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * _read(sigma_out, sc))
@@ -254,6 +260,19 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
             clipped.add_((u.abs() > r).sum(dtype=torch.float64))
         u = torch.clamp(u, -r, r)
     mean.copy_(mean - lr * u)                          # line 15
+
+
+def ivon_update_drawing(sc, counter, low_bits: bool = False, **buffers_and_flags):
+    """``ivon_update`` with the step's only in-sample's noise, z / sqrt(ess (h + wd)), drawn again
+    in the loop from ``counter`` instead of read (and used for the rounding bits with
+    ``low_bits``). Each buffer is a pair of slices as ``run_kernel`` gives them with a counter.
+    sc = ivon_update's + [ess]."""
+    flags = {k: v for k, v in buffers_and_flags.items() if not isinstance(v, (tuple, list))}
+    buffers = {k: v for k, v in buffers_and_flags.items() if isinstance(v, (tuple, list))}
+    for i, z in enumerate(standard_normal_pairs(counter, buffers["mean"], sc.dtype)):
+        row = {k: v[i] for k, v in buffers.items()}
+        noise = z / ((_read(row["hess"], sc) + sc[6]) * sc[13]).sqrt()
+        ivon_update(**row, sc=sc, noise=noise, bits=noise if low_bits else None, **flags)
 
 
 # ---------------------------------------------------------------------------- diagnostics

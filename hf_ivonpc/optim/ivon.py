@@ -59,13 +59,22 @@ class IVON(FlatStateOptimizer):
             sigma_out) in bf16, computed in fp32; momentum, h and the outer statistics are written
             with stochastic rounding. The mean and the noise stay fp32. IVON keeps 14 instead of
             20 bytes per parameter, IVONPC 28 instead of 44.
+        regenerate_noise: for groups of at least ``_random.COUNTER_MIN`` (2^20) elements, whose
+            noise comes from the counter-based generator: draw the noise again from its key
+            wherever a step needs it (the collection, the update) instead of keeping it in a
+            buffer from the draw to the step: 4 bytes per parameter less (a model-sized temporary
+            exists only within the draw, a collection or the update, never during the forward
+            and backward passes), for one more draw per use. None (default): on accelerators,
+            where drawing costs less than storing and reading back; not on CPU, where it costs
+            about a quarter of IVON's step. The numbers are the same either way (up to rounding).
     """
 
     persistent_buffers = ("mean", "momentum", "hess")
     transient_buffers = ("noise", "acc_g", "acc_nxg")
     # a step's only in-sample pairs noise and gradient inside the update: acc_nxg is needed only
-    # with several in-samples per step, sync, gradsq or a correction (see ``_collect``)
-    lazy_buffers = ("acc_nxg",)
+    # with several in-samples per step, sync, gradsq or a correction (see ``_collect``); the noise
+    # buffer is not needed by groups that regenerate their noise
+    lazy_buffers = ("noise", "acc_nxg")
     low_precision_buffers = ("momentum", "hess", "acc_g", "acc_nxg")
 
     # ivon-opt 0.1.3's defaults (a drop-in replacement); IVONPC and PCTrainer use the project's
@@ -81,8 +90,11 @@ class IVON(FlatStateOptimizer):
                  generator: torch.Generator | None = None, chunk_size: int | None = None,
                  fused: bool | None = None,
                  state_dtype: torch.dtype | str = default("state_dtype", ivon_opt=True),
+                 regenerate_noise: bool | None = None,
                  _pc_defaults: dict | None = None, **pc_kwargs):
         check_int_min("mc_samples", mc_samples, 1)
+        check_arg("regenerate_noise", regenerate_noise, regenerate_noise in (None, True, False),
+                  "None, True or False")
         check_arg("hess_approx", hess_approx, hess_approx in ("price", "gradsq"), "'price' or 'gradsq'")
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius, mc_samples=mc_samples)
@@ -91,6 +103,7 @@ class IVON(FlatStateOptimizer):
         self.debias = debias
         self.rescale_lr = rescale_lr
         self.mc_samples = mc_samples
+        self.regenerate_noise = regenerate_noise
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
                          fused=fused, state_dtype=state_dtype, **pc_kwargs)
         self.sync = sync
@@ -109,23 +122,53 @@ class IVON(FlatStateOptimizer):
         flat["hess"].fill_(group["hess_init"])
 
     # ------------------------------------------------------------------ sampling
-    def _draw_noise(self, gi: int, group: dict) -> None:
-        """noise <- N(0, I) / sqrt(ess (h + wd)) (drawn in the same pass for large groups)."""
+    def _regenerates(self, key: torch.Tensor | None) -> bool:
+        """Whether a draw with this counter key is drawn again where needed (not kept)."""
+        if key is None:
+            return False
+        if self.regenerate_noise is None:
+            return self._device.type != "cpu"
+        return self.regenerate_noise
+
+    def _noise(self, gi: int, fresh: bool = False) -> torch.Tensor:
+        """Group ``gi``'s noise of its last draw (theta - center), flat: the noise buffer (drawn
+        into it when ``fresh``), or, when the group regenerates its noise, drawn again from the
+        draw's key into a temporary."""
+        at, key = self._draws[gi]
         flat = self._flat[gi]
-        tensors = {"noise": flat["noise"], "hess": flat["hess"]}
+        if self._regenerates(key):
+            buf = torch.empty_like(flat["mean"])
+        elif fresh:
+            buf = flat["noise"]
+        else:
+            return flat["noise"]
+        self._fill_noise(gi, self.param_groups[gi], buf, at, key)
+        return buf
+
+    def _noise_views(self, gi: int, idx: list[int]) -> list[torch.Tensor]:
+        views = self._split(gi, self._noise(gi))
+        return views if len(idx) == len(views) else [views[i] for i in idx]
+
+    def _fill_noise(self, gi: int, group: dict, buf: torch.Tensor, at: str,
+                    key: torch.Tensor | None) -> None:
+        """buf <- N(0, I) / sqrt(ess (h + wd)) (drawn in the same pass for large groups)."""
+        tensors = {"noise": buf, "hess": self._flat[gi]["hess"]}
         sc = [group["ess"], group["weight_decay"]]
-        key = self._noise_key(flat["noise"])
         if key is not None:
             self._run(K.ivon_draw_noise, tensors, sc, counter=key)
             return
-        self._draw_standard_normal(flat["noise"])
+        self._draw_standard_normal(buf)
         self._run(K.ivon_scale_noise, tensors, sc)
+
+    def _draw_noise(self, gi: int, group: dict, at: str = "in") -> torch.Tensor:
+        """A fresh draw of group ``gi``'s noise (recorded for the step), flat."""
+        self._draws[gi] = (at, self._noise_key(self._flat[gi]["mean"]))
+        return self._noise(gi, fresh=True)
 
     def _draw(self, at: str) -> None:
         self._materialize_nxg()
         for gi, group in enumerate(self.param_groups):
-            self._draw_noise(gi, group)
-            torch._foreach_add_(self._params(gi), self._views[gi]["noise"])
+            torch._foreach_add_(self._params(gi), self._split(gi, self._draw_noise(gi, group, at)))
 
     def _collect(self, gi, group, at, grads, idx):
         # A step's first and only in-sample (the common case) leaves noise x grad unformed: the
@@ -138,19 +181,21 @@ class IVON(FlatStateOptimizer):
             self._written[gi].add("acc_nxg")
             self._nxg_pending[gi] = True
         elif self.hess_approx == "price":
-            self._acc(gi, "acc_nxg", idx, self._views_of(gi, "noise", idx), grads)
+            self._acc(gi, "acc_nxg", idx, self._noise_views(gi, idx), grads)
         else:
             self._acc(gi, "acc_nxg", idx, grads, grads)
 
     def _reset_accumulators(self) -> None:
         super()._reset_accumulators()
         self._nxg_pending = [False] * len(self.param_groups)
+        #: per group, the role and counter key of the last draw of the step (None before one)
+        self._draws: list[tuple[str, torch.Tensor | None] | None] = [None] * len(self.param_groups)
 
     def _materialize_nxg(self) -> None:
         for gi, pending in enumerate(self._nxg_pending):
             if pending:
                 flat = self._flat[gi]
-                self._run(K.product, {"out": flat["acc_nxg"], "a": flat["noise"], "b": flat["acc_g"]}, [])
+                self._run(K.product, {"out": flat["acc_nxg"], "a": self._noise(gi), "b": flat["acc_g"]}, [])
                 self._nxg_pending[gi] = False
 
     def _all_reduce(self, names) -> None:
@@ -188,20 +233,32 @@ class IVON(FlatStateOptimizer):
                    r if r != float("inf") else 0.0, a, a * group.get("mean_term_weight", 0.0)]
         names = ["mean", "momentum", "hess", "acc_g"]
         gi = next(i for i, f in enumerate(self._flat) if f is flat)
-        names.append("noise" if self._nxg_pending[gi] else "acc_nxg")
+        pending = self._nxg_pending[gi]
+        if not pending:
+            names.append("acc_nxg")
         if use_correction:
             names += ["g_out", "h_out", "m_out", "sigma_out", "acc_nxg_out"]
         tensors = {n: flat[n] for n in names}
-        if self.low_precision:   # the noise's low mantissa bits round the bf16 buffers
-            tensors["bits"] = flat["noise"]
         clip = r != float("inf")
         track = self.track_diagnostics and clip
         if track:
             self._diag_counts[0] += sum(sl.stop - sl.start for sl in ranges)
-        self._run(K.ivon_update, tensors, scalars, ranges,
-                  price=self.hess_approx == "price", clip=clip,
-                  mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0,
-                  clipped=self._diag_clipped if track else None)
+        flags = dict(price=self.hess_approx == "price", clip=clip,
+                     mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0,
+                     clipped=self._diag_clipped if track else None)
+        key = self._draws[gi][1]
+        if pending and self._regenerates(key) and ranges == [slice(0, flat["mean"].numel())]:
+            # the noise is drawn again inside the update's loop (no temporary, no pass)
+            self._run(K.ivon_update_drawing, tensors, scalars + [group["ess"]], counter=key,
+                      low_bits=self.low_precision, **flags)
+            return
+        if pending or self.low_precision:
+            noise = self._noise(gi)
+            if pending:
+                tensors["noise"] = noise
+            if self.low_precision:   # the noise's low mantissa bits round the bf16 buffers
+                tensors["bits"] = noise
+        self._run(K.ivon_update, tensors, scalars, ranges, **flags)
 
     # ------------------------------------------------------------------ diagnostics
     def _reset_diagnostics(self) -> None:

@@ -69,14 +69,16 @@ class IVONPC(IVON):
                  shared_noise: bool = _d("shared_noise"),
                  seed: int | None = None, generator: torch.Generator | None = None,
                  chunk_size: int | None = None, fused: bool | None = None,
-                 state_dtype: torch.dtype | str = _d("state_dtype")):
+                 state_dtype: torch.dtype | str = _d("state_dtype"),
+                 regenerate_noise: bool | None = None):
         if hess_approx != "price":
             raise ValueError(f"hess_approx={hess_approx!r} is invalid: accepted is 'price' "
                              "(the correction needs the reparameterisation estimate)")
         super().__init__(params, lr, ess, hess_init, beta1, beta2, weight_decay, mc_samples,
                          hess_approx, clip_radius, sync, debias, rescale_lr, seed=seed,
                          generator=generator, chunk_size=chunk_size, fused=fused,
-                         state_dtype=state_dtype, _pc_defaults=dict(alpha=alpha, rho1=rho1, rho2=rho2,
+                         state_dtype=state_dtype, regenerate_noise=regenerate_noise,
+                         _pc_defaults=dict(alpha=alpha, rho1=rho1, rho2=rho2,
                                            mean_term_weight=mean_term_weight),
                          refresh_every=refresh_every, start_step=start_step,
                          shared_noise=shared_noise)
@@ -96,17 +98,30 @@ class IVONPC(IVON):
             return super()._draw(at)
         self._materialize_nxg()  # acc_g is about to receive the outer gradients
         for gi, group in enumerate(self.param_groups):
-            flat = self._flat[gi]
-            if self.shared_noise:  # eps = noise / sigma_in, reused: noise_out = eps * sigma_out
-                self._run(K.ivon_noise_to_out, {"noise": flat["noise"], "hess": flat["hess"],
-                                                "sigma_out": flat["sigma_out"]},
-                          [group["ess"], group["weight_decay"]])
+            if self.shared_noise:   # the key of the theta_in draw
+                self._draws[gi] = ("out", self._draws[gi][1])
+                noise = self._noise(gi, fresh=True)
             else:
-                self._draw_standard_normal(flat["noise"])
-                flat["noise"].mul_(flat["sigma_out"])
-            binary_out(torch.add, self._params(gi), self._views[gi]["m_out"], self._views[gi]["noise"])
-        # the noise buffer now holds theta_out - m_out
+                noise = self._draw_noise(gi, group, "out")
+            binary_out(torch.add, self._params(gi), self._views[gi]["m_out"], self._split(gi, noise))
+        # the noise now is theta_out - m_out
         self._last_draw = "out"
+
+    def _fill_noise(self, gi, group, buf, at, key):
+        """theta_out's noise: eps sigma_out, with theta_in's eps when shared."""
+        if at != "out":
+            return super()._fill_noise(gi, group, buf, at, key)
+        flat = self._flat[gi]
+        if key is not None:
+            self._run(K.ivon_draw_noise_out, {"noise": buf, "sigma_out": flat["sigma_out"]}, [],
+                      counter=key)
+        elif self.shared_noise:   # eps = noise / sigma_in, kept in the buffer: noise <- eps sigma_out
+            self._run(K.ivon_noise_to_out, {"noise": buf, "hess": flat["hess"],
+                                            "sigma_out": flat["sigma_out"]},
+                      [group["ess"], group["weight_decay"]])
+        else:
+            self._draw_standard_normal(buf)
+            buf.mul_(flat["sigma_out"])
 
     def _collect(self, gi, group, at, grads, idx):
         if at != "out":
@@ -121,7 +136,7 @@ class IVONPC(IVON):
             self._run(K.pc_stats_plain, {n: flat[n] for n in ("acc_g", "acc_nxg", "hess", "momentum",
                                                               "h_out")}, sc, out=self._diag_raw[:4])
         self._acc(gi, "acc_g", idx, grads, alpha=-group["alpha"])
-        self._acc(gi, "acc_nxg_out", idx, self._views_of(gi, "noise", idx), grads)
+        self._acc(gi, "acc_nxg_out", idx, self._noise_views(gi, idx), grads)
         if track:
             names = ("acc_g", "acc_nxg", "acc_nxg_out", "hess", "sigma_out", "momentum", "g_out", "h_out")
             self._run(K.pc_stats_corrected, {n: flat[n] for n in names}, sc + [group["alpha"]],
@@ -133,7 +148,7 @@ class IVONPC(IVON):
         names = ["mean", "hess", "acc_g", "acc_nxg", "g_out", "h_out", "m_out", "sigma_out"]
         tensors = {n: flat[n] for n in names}
         if self.low_precision:   # the last mega draw's noise rounds g_out and h_out
-            tensors["bits"] = flat["noise"]
+            tensors["bits"] = self._noise(gi)
         self._run(K.ivon_refresh, tensors,
                   [1.0 / self._count["mega"], group["ess"], group["weight_decay"], group["rho1"],
                    1.0 - group["rho1"], group["rho2"], 1.0 - group["rho2"]], first=first)
