@@ -80,12 +80,14 @@ def traffic(variant: str) -> list[tuple[str, float]] | None:
         if base is None:
             return None
         again = ("draw noise again: r h, w temporary", s + 4)
-        if variant.startswith("ivon_pcm"):   # for noise x grad (in) and for the out collection
+        if variant.startswith("ivon_pcm"):   # for the out collection
             base = [("draw theta_out noise: r sigma_out, w temporary", s + 4) if w.startswith("noise to")
                     else (w, b) for w, b in base]
             out = []
             for w, b in base:
-                if w.startswith(("noise x grad", "collect out")):
+                if w.startswith("noise x grad"):   # the noise drawn in the product's loop
+                    w, b = "noise x grad: r h acc_g, w acc_nxg", b - 4 + s
+                if w.startswith("collect out"):
                     out.append(again)
                 out.append((w, b))
             return out

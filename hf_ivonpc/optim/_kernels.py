@@ -196,6 +196,13 @@ def ivon_draw_noise_out(noise, sigma_out, sc, counter):
         nz.copy_(z * _read(s, sc))
 
 
+def ivon_nxg_drawing(out, hess, grad, sc, counter):
+    """out <- noise grad with the noise z / sqrt(ess (h + wd)) drawn in the loop (as
+    ``ivon_draw_noise`` draws it);  sc = [ess, wd]."""
+    for o, h, g, z in zip(out, hess, grad, standard_normal_pairs(counter, out, sc.dtype)):
+        o.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt() * _read(g, sc))
+
+
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
     noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * _read(sigma_out, sc))

@@ -195,7 +195,15 @@ class IVON(FlatStateOptimizer):
         for gi, pending in enumerate(self._nxg_pending):
             if pending:
                 flat = self._flat[gi]
-                self._run(K.product, {"out": flat["acc_nxg"], "a": self._noise(gi), "b": flat["acc_g"]}, [])
+                key = self._draws[gi][1]
+                if self._regenerates(key):   # the noise drawn again in the product's loop
+                    group = self.param_groups[gi]
+                    self._run(K.ivon_nxg_drawing, {"out": flat["acc_nxg"], "hess": flat["hess"],
+                                                   "grad": flat["acc_g"]},
+                              [group["ess"], group["weight_decay"]], counter=key)
+                else:
+                    self._run(K.product, {"out": flat["acc_nxg"], "a": self._noise(gi),
+                                          "b": flat["acc_g"]}, [])
                 self._nxg_pending[gi] = False
 
     def _all_reduce(self, names) -> None:
