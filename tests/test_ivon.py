@@ -164,6 +164,17 @@ def test_counter_noise_is_standard_normal_and_independent():
         assert abs((x * y).mean().item()) < 4 * x.numel() ** -0.5
 
 
+def test_counters_past_two_to_the_32_do_not_wrap_around():
+    from hf_ivonpc.optim import _kernels as K
+    key = torch.tensor([11, 22, 33, 44, 0])
+    like = (torch.empty(8), torch.empty(8))
+    draws = [torch.cat(K.standard_normal_pairs(K._offset(key, c), like, torch.float64))
+             for c in (5, 2**32 + 5, 2 * 2**32 + 5)]
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    assert torch.equal(draws[0], torch.cat(K.standard_normal_pairs(K._offset(key, 5), like,
+                                                                    torch.float64)))
+
+
 def test_counter_noise_does_not_depend_on_threads_chunks_or_length():
     n = (1 << 21) + 1
     a = _counter_draw(n)

@@ -92,10 +92,14 @@ def _slices(tensors: dict, ranges: list[slice], chunk: int | None, counter: torc
 
 
 def _offset(counter: torch.Tensor, columns: int) -> torch.Tensor:
+    """The key of the counters from ``columns`` on: the offset modulo 2^32 in ``counter[4]``,
+    the multiples of 2^32 folded into the second key."""
     if columns == 0:
         return counter
     out = counter.clone()
-    out[4] += columns
+    out[4] += columns & 0xFFFFFFFF
+    if columns >> 32:
+        out[1] += (columns >> 32) * 0x9E3779B9
     return out
 
 
@@ -122,14 +126,14 @@ def standard_normal_pairs(counter, like, dtype):
     the first the cosine outputs, for the second the sine outputs of the counters
     ``counter[4] + i``; ``counter[:4]`` are the keys."""
     m = like[0].shape[0]
-    c = torch.arange(m, dtype=torch.int64, device=counter.device) + counter[4]
-    lo, hi = c.to(torch.int32), (c >> 32).to(torch.int32)
+    # 32-bit counters: ``_offset`` folds the multiples of 2^32 into the second key
+    c = torch.arange(m, dtype=torch.int32, device=counter.device) + counter[4].to(torch.int32)
     k = counter[:4].to(torch.int32)
-    a = _mix(_mix(lo ^ k[0]) ^ (k[1] + hi))
-    b = _mix(_mix(lo ^ k[2]) ^ (k[3] + hi))
+    a = _mix(_mix(c ^ k[0]) ^ k[1])
+    b = _mix(_mix(c ^ k[2]) ^ k[3])
     u = (((a >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216)     # in (0, 1)
-    t = ((b >> 8) & 0xFFFFFF).to(dtype) * (6.283185307179586 / 16777216)
     r = torch.sqrt(-2.0 * torch.log(u))
+    t = ((b >> 8) & 0xFFFFFF).to(dtype) * (6.283185307179586 / 16777216)
     return [r * torch.cos(t), r * torch.sin(t)][:len(like)]
 
 
