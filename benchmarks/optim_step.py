@@ -101,6 +101,7 @@ def traffic(variant: str) -> list[tuple[str, float]] | None:
         return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
                 ("collect: r grad, w acc_g", 8),
+                ("params <- mean, leaving sampled_params: r mean, w param", 8),
                 ("update: r mean m h acc_g noise, w mean m h", 4 + 2 * s + 8 + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant in ("ivon_pcm", "ivon_pcm_bf16"):
@@ -108,10 +109,12 @@ def traffic(variant: str) -> list[tuple[str, float]] | None:
         return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
                 ("collect in: r grad, w acc_g", 8),
+                ("params <- mean, leaving sampled_params: r mean, w param", 8),
                 ("noise x grad: r noise acc_g, w acc_nxg", 12),
                 ("noise to theta_out: r noise h sigma_out, w noise", 12 + s),
                 ("params <- m_out + noise: r m_out noise, w param", 12),
                 ("collect out: r grad acc_g noise, w acc_g acc_nxg_out", 20),
+                ("params <- mean, leaving sampled_params: r mean, w param", 8),
                 ("update: r mean m h acc_g acc_nxg g_out h_out m_out sigma_out acc_nxg_out, "
                  "w mean m h", 4 * 6 + 4 * s + bits + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]

@@ -92,14 +92,10 @@ def _slices(tensors: dict, ranges: list[slice], chunk: int | None, counter: torc
 
 
 def _offset(counter: torch.Tensor, columns: int) -> torch.Tensor:
-    """The key of the counters from ``columns`` on: the offset modulo 2^32 in ``counter[4]``,
-    the multiples of 2^32 folded into the second key."""
     if columns == 0:
         return counter
     out = counter.clone()
-    out[4] += columns & 0xFFFFFFFF
-    if columns >> 32:
-        out[1] += (columns >> 32) * 0x9E3779B9
+    out[4] += columns
     return out
 
 
@@ -126,11 +122,13 @@ def standard_normal_pairs(counter, like, dtype):
     the first the cosine outputs, for the second the sine outputs of the counters
     ``counter[4] + i``; ``counter[:4]`` are the keys."""
     m = like[0].shape[0]
-    # 32-bit counters: ``_offset`` folds the multiples of 2^32 into the second key
-    c = torch.arange(m, dtype=torch.int32, device=counter.device) + counter[4].to(torch.int32)
+    # 64-bit counters, hashed as two 32-bit halves (with 32-bit counters inductor leaves this
+    # loop on one thread)
+    c = torch.arange(m, dtype=torch.int64, device=counter.device) + counter[4]
+    lo, hi = c.to(torch.int32), (c >> 32).to(torch.int32)
     k = counter[:4].to(torch.int32)
-    a = _mix(_mix(c ^ k[0]) ^ k[1])
-    b = _mix(_mix(c ^ k[2]) ^ k[3])
+    a = _mix(_mix(lo ^ k[0]) ^ (k[1] + hi))
+    b = _mix(_mix(lo ^ k[2]) ^ (k[3] + hi))
     u = (((a >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216)     # in (0, 1)
     r = torch.sqrt(-2.0 * torch.log(u))
     t = ((b >> 8) & 0xFFFFFF).to(dtype) * (6.283185307179586 / 16777216)
@@ -194,10 +192,13 @@ def ivon_draw_noise(noise, hess, sc, counter):
         nz.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt())
 
 
-def ivon_draw_noise_out(noise, sigma_out, sc, counter):
-    """noise <- z sigma_out with z drawn in the loop (theta_out's noise)."""
-    for nz, s, z in zip(noise, sigma_out, standard_normal_pairs(counter, noise, sc.dtype)):
-        nz.copy_(z * _read(s, sc))
+def ivon_draw_noise_out(noise, hess, sigma_out, sc, counter):
+    """theta_out's noise eps sigma_out with z drawn in the loop, rounded as ``ivon_draw_noise``
+    then ``ivon_noise_to_out`` round it from a kept buffer (the same numbers whether the noise
+    is kept or drawn again);  sc = [ess, wd]."""
+    for nz, h, so, z in zip(noise, hess, sigma_out, standard_normal_pairs(counter, noise, sc.dtype)):
+        s = ((_read(h, sc) + sc[1]) * sc[0]).sqrt()
+        nz.copy_(z / s * (s * _read(so, sc)))
 
 
 def ivon_nxg_drawing(out, hess, grad, sc, counter):

@@ -112,13 +112,15 @@ class IVONPC(IVON):
         if at != "out":
             return super()._fill_noise(gi, group, buf, at, key)
         flat = self._flat[gi]
-        if key is not None:
-            self._run(K.ivon_draw_noise_out, {"noise": buf, "sigma_out": flat["sigma_out"]}, [],
-                      counter=key)
-        elif self.shared_noise:   # eps = noise / sigma_in, kept in the buffer: noise <- eps sigma_out
+        if self.shared_noise and not self._regenerates(key):
+            # eps = noise / sigma_in, kept in the buffer: noise <- eps sigma_out (no new draw)
             self._run(K.ivon_noise_to_out, {"noise": buf, "hess": flat["hess"],
                                             "sigma_out": flat["sigma_out"]},
                       [group["ess"], group["weight_decay"]])
+        elif key is not None:
+            self._run(K.ivon_draw_noise_out, {"noise": buf, "hess": flat["hess"],
+                                              "sigma_out": flat["sigma_out"]},
+                      [group["ess"], group["weight_decay"]], counter=key)
         else:
             self._draw_standard_normal(buf)
             buf.mul_(flat["sigma_out"])
