@@ -46,7 +46,7 @@ def state_bytes_per_param() -> dict[str, float]:
     from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
     p = torch.nn.Parameter(torch.zeros(1 << 20))
     out = {"adamw": 8.0}   # torch AdamW: exp_avg, exp_avg_sq
-    ivon = dict(lr=0.1, ess=1e6, regenerate_noise=True)
+    ivon = dict(lr=0.1, ess=1e6, regenerate_noise=True, fused=False)   # buffers, not speed
     for name, make in (("ivon", lambda: IVON([p], **ivon)),
                        ("ivon_pcm", lambda: IVONPC([p], **ivon)),
                        ("alpha_svrg", lambda: AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw")),

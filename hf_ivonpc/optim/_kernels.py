@@ -181,15 +181,21 @@ def product(out, a, b, sc):
     out.copy_(_read(a, sc) * _read(b, sc))
 
 
+def _root_precision(h, ess, wd, sc):
+    """sqrt(ess (h + wd)) = 1 / sigma, in the one order of operations every kernel uses (so that
+    noise drawn again equals the noise kept, bit for bit)."""
+    return ((_read(h, sc) + wd) * ess).sqrt()
+
+
 def ivon_scale_noise(noise, hess, sc):
     """noise <- noise / sqrt(ess (h + wd));  sc = [ess, wd]."""
-    noise.div_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt())
+    noise.div_(_root_precision(hess, sc[0], sc[1], sc))
 
 
 def ivon_draw_noise(noise, hess, sc, counter):
     """noise <- z / sqrt(ess (h + wd)) with z drawn in the loop;  sc = [ess, wd]."""
     for nz, h, z in zip(noise, hess, standard_normal_pairs(counter, noise, sc.dtype)):
-        nz.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt())
+        nz.copy_(z / _root_precision(h, sc[0], sc[1], sc))
 
 
 def ivon_draw_noise_out(noise, hess, sigma_out, sc, counter):
@@ -197,7 +203,7 @@ def ivon_draw_noise_out(noise, hess, sigma_out, sc, counter):
     then ``ivon_noise_to_out`` round it from a kept buffer (the same numbers whether the noise
     is kept or drawn again);  sc = [ess, wd]."""
     for nz, h, so, z in zip(noise, hess, sigma_out, standard_normal_pairs(counter, noise, sc.dtype)):
-        s = ((_read(h, sc) + sc[1]) * sc[0]).sqrt()
+        s = _root_precision(h, sc[0], sc[1], sc)
         nz.copy_(z / s * (s * _read(so, sc)))
 
 
@@ -205,12 +211,12 @@ def ivon_nxg_drawing(out, hess, grad, sc, counter):
     """out <- noise grad with the noise z / sqrt(ess (h + wd)) drawn in the loop (as
     ``ivon_draw_noise`` draws it);  sc = [ess, wd]."""
     for o, h, g, z in zip(out, hess, grad, standard_normal_pairs(counter, out, sc.dtype)):
-        o.copy_(z / ((_read(h, sc) + sc[1]) * sc[0]).sqrt() * _read(g, sc))
+        o.copy_(z / _root_precision(h, sc[0], sc[1], sc) * _read(g, sc))
 
 
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
-    noise.mul_(((_read(hess, sc) + sc[1]) * sc[0]).sqrt() * _read(sigma_out, sc))
+    noise.mul_(_root_precision(hess, sc[0], sc[1], sc) * _read(sigma_out, sc))
 
 
 def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool,
@@ -283,7 +289,7 @@ def ivon_update_drawing(sc, counter, low_bits: bool = False, **buffers_and_flags
     buffers = {k: v for k, v in buffers_and_flags.items() if isinstance(v, (tuple, list))}
     for i, z in enumerate(standard_normal_pairs(counter, buffers["mean"], sc.dtype)):
         row = {k: v[i] for k, v in buffers.items()}
-        noise = z / ((_read(row["hess"], sc) + sc[6]) * sc[13]).sqrt()
+        noise = z / _root_precision(row["hess"], sc[13], sc[6], sc)
         ivon_update(**row, sc=sc, noise=noise, bits=noise if low_bits else None, **flags)
 
 

@@ -65,8 +65,9 @@ class IVON(FlatStateOptimizer):
             buffer from the draw to the step: 4 bytes per parameter less (a model-sized temporary
             exists only within the draw, a collection or the update, never during the forward
             and backward passes), for one more draw per use. None (default): on accelerators,
-            where drawing costs less than storing and reading back; not on CPU, where it costs
-            about a quarter of IVON's step. The numbers are the same either way (up to rounding).
+            where drawing costs less than storing and reading back; not on CPU, where the draws
+            and the temporaries' page faults make IVON's step about 1.5x slower. The numbers are
+            the same either way, bit for bit.
     """
 
     persistent_buffers = ("mean", "momentum", "hess")
