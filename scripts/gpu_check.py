@@ -130,6 +130,9 @@ def run_method(method: str, a, out: Path) -> dict:
         "final_loss": losses[-1] if losses else result.training_loss,
         "param_dtypes": sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()}),
         "state_dtypes": state_dtypes,
+        # optimizer state per trained parameter (on a GPU the noise is drawn again, not kept)
+        "state_bytes_per_param": (opt.state_nbytes() / sum(p.numel() for p in model.parameters()
+                                                           if p.requires_grad) if opt else None),
         "forward_dtype": seen.get("logits_dtype"),
         "attn_implementation": model.config._attn_implementation,
     }

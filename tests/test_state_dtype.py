@@ -147,21 +147,22 @@ def test_a_lazy_buffer_exists_once_needed():
 
 
 def test_more_kernel_specializations_than_torchs_default_limit_compile():
-    """16 combinations of flags, optional buffers and dtypes of one kernel in one process."""
+    """9 (torch's limit is 8) combinations of flags, optional buffers and dtypes of one kernel
+    in one process."""
+    import itertools
+
     from hf_ivonpc.optim import _kernels as K
     n = 256
     sc = torch.tensor([1.0, 0.9, 0.1, 0.99, 0.01, 5e-5, 0.0, 1.0, 1.0, 0.1, 1.0, 0.0, 0.0])
-    for dtype in (torch.float32, torch.bfloat16):
-        for price in (True, False):
-            for clip in (True, False):
-                for lazy in (True, False):
-                    t = dict(mean=torch.zeros(n), momentum=torch.zeros(n, dtype=dtype),
-                             hess=torch.ones(n, dtype=dtype), acc_g=torch.randn(n),
-                             bits=torch.randn(n))
-                    t["noise" if lazy else "acc_nxg"] = torch.randn(n)
-                    K.run_kernel(K.ivon_update, t, sc, fused=True, chunk=n, ranges=[slice(0, n)],
-                                 price=price, clip=clip)
-                    assert torch.isfinite(t["mean"]).all()
+    combos = itertools.product((torch.float32, torch.bfloat16), (True, False), (True, False),
+                               (True, False))
+    for dtype, price, clip, lazy in itertools.islice(combos, 9):
+        t = dict(mean=torch.zeros(n), momentum=torch.zeros(n, dtype=dtype),
+                 hess=torch.ones(n, dtype=dtype), acc_g=torch.randn(n), bits=torch.randn(n))
+        t["noise" if lazy else "acc_nxg"] = torch.randn(n)
+        K.run_kernel(K.ivon_update, t, sc, fused=True, chunk=n, ranges=[slice(0, n)],
+                     price=price, clip=clip)
+        assert torch.isfinite(t["mean"]).all()
 
 
 @pytest.mark.parametrize("value", ["float16", "bf16", torch.float16, 3])

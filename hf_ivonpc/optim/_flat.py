@@ -21,9 +21,6 @@ from ._kernels import run_kernel
 from ._random import counter_key, standard_normal_
 from ._sharding import local, state_view
 
-#: with ``fused=None``, groups smaller than this run eagerly (a compiled call costs ~0.1 ms)
-FUSE_MIN_NUMEL = 1 << 16
-
 
 def default_chunk(device: torch.device) -> int:
     # For the eager fallback: on CPU, chunks of 64k elements keep the intermediates of an update in
@@ -155,11 +152,8 @@ class FlatBuffers:
         n = next(iter(tensors.values())).numel()
         if ranges is None:
             ranges = [slice(0, n)]
-        fused = self.fused
-        if fused is None and n < FUSE_MIN_NUMEL:
-            fused = False  # compiling pays off only for large buffers
-        run_kernel(fn, tensors, sc, fused=fused, chunk=self._chunk, ranges=ranges, counter=counter,
-                   **flags)
+        run_kernel(fn, tensors, sc, fused=self.fused, chunk=self._chunk, ranges=ranges,
+                   counter=counter, **flags)
 
     def _draw_standard_normal(self, buf: torch.Tensor) -> None:
         standard_normal_(buf, self.generator, fused=self.fused, chunk=self._chunk)

@@ -20,6 +20,9 @@ _compile_failed: set[Callable] = set()
 _lock = threading.Lock()
 
 
+#: with ``fused=None``, buffers smaller than this run eagerly (a compiled call costs ~0.1 ms)
+FUSE_MIN_NUMEL = 1 << 16
+
 #: compiled specializations per kernel: one per combination of flags, optional buffers and
 #: dtypes used in the process (torch's default of 8 is reached by a test suite or a process
 #: that trains several configurations; then ``fused=True`` would raise)
@@ -43,8 +46,9 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
                **flags) -> None:
     """Apply ``fn(**tensors_slice, sc=scalars, **flags)`` over each range of the flat buffers.
 
-    ``fused=None`` compiles and falls back to eager chunks (with one warning) if compilation fails;
-    ``fused=True`` compiles and raises on failure; ``fused=False`` never compiles.
+    ``fused=None`` compiles buffers of at least ``FUSE_MIN_NUMEL`` elements and falls back to
+    eager chunks (with one warning) if compilation fails; ``fused=True`` compiles and raises on
+    failure; ``fused=False`` never compiles.
 
     With ``counter`` (a key of ``counter_key``) the kernel draws standard normals
     (``standard_normal_pairs``) over whole buffers: it gets each buffer as a pair of slices, one in
@@ -52,11 +56,14 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
     by lo (an odd last element comes alone, with the counter m): the draw is the same whatever
     the slicing, fused or chunked.
     """
+    if fused is None and next(iter(tensors.values())).numel() < FUSE_MIN_NUMEL:
+        fused = False   # compiling pays off only for large buffers
     if fused or (fused is None and fn not in _compile_failed):
         try:
             cfn = _compiled_version(fn)
-            for kw in _slices(tensors, ranges, None, counter):
-                cfn(**kw, sc=scalars, **flags)
+            for kw, single in _slices(tensors, ranges, None, counter):
+                # the odd last element of a counter kernel runs eagerly (no specialization for it)
+                (fn if single else cfn)(**kw, sc=scalars, **flags)
             return
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             if fused:
@@ -65,18 +72,19 @@ def run_kernel(fn: Callable, tensors: dict, scalars: torch.Tensor, *, fused: boo
             warnings.warn(f"torch.compile of {fn.__name__} failed ({type(err).__name__}: {err}); "
                           "using the eager chunked kernels (pass fused=False to skip compiling)",
                           RuntimeWarning, stacklevel=3)
-    for kw in _slices(tensors, ranges, chunk, counter):
+    for kw, _ in _slices(tensors, ranges, chunk, counter):
         fn(**kw, sc=scalars, **flags)
 
 
 def _slices(tensors: dict, ranges: list[slice], chunk: int | None, counter: torch.Tensor | None):
-    """The keyword arguments of each kernel call: the ranges cut in chunks (None: whole)."""
+    """The keyword arguments of each kernel call, the ranges cut in chunks (None: whole), and
+    whether the call is a counter kernel's odd last element."""
     if counter is None:
         for r in ranges:
             step = chunk or max(r.stop - r.start, 1)
             for lo in range(r.start, r.stop, step):
                 sl = slice(lo, min(lo + step, r.stop))
-                yield {k: v[sl] for k, v in tensors.items()}
+                yield {k: v[sl] for k, v in tensors.items()}, False
         return
     n = next(iter(tensors.values())).numel()
     if ranges != [slice(0, n)]:
@@ -86,9 +94,9 @@ def _slices(tensors: dict, ranges: list[slice], chunk: int | None, counter: torc
     for lo in range(0, m, step):
         hi = min(lo + step, m)
         yield dict({k: (v[lo:hi], v[m + lo:m + hi]) for k, v in tensors.items()},
-                   counter=_offset(counter, lo))
+                   counter=_offset(counter, lo)), False
     if n % 2:
-        yield dict({k: (v[2 * m:],) for k, v in tensors.items()}, counter=_offset(counter, m))
+        yield dict({k: (v[2 * m:],) for k, v in tensors.items()}, counter=_offset(counter, m)), True
 
 
 def _offset(counter: torch.Tensor, columns: int) -> torch.Tensor:
