@@ -24,8 +24,10 @@ from ._sharding import local, state_view
 
 def default_chunk(device: torch.device) -> int:
     # For the eager fallback: on CPU, chunks of 64k elements keep the intermediates of an update in
-    # cache; on accelerators one chunk is the whole buffer (kernel launches are what costs there).
-    return 1 << 16 if device.type == "cpu" else 1 << 62
+    # cache; on accelerators chunks of 16M elements (kernel launches are what costs there, but an
+    # eager update or draw makes ten or more temporaries of its chunk's size: a whole-buffer chunk
+    # would need ten times the model's memory).
+    return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
 class _Buffers(dict):

@@ -53,7 +53,7 @@ class IVON(FlatStateOptimizer):
         fused: compile the element-wise updates with ``torch.compile`` into one loop over memory
             (True: always; None: for groups of >= 65536 elements, falling back to eager chunks
             with a warning if compilation fails; False: never).
-        chunk_size: elements per chunk of the eager update (default: 65536 on CPU, all on GPU).
+        chunk_size: elements per chunk of the eager update (default: 65536 on CPU, 2^24 on GPU).
         state_dtype: ``"float32"`` (default) or ``"bfloat16"`` (``torch.bfloat16``):
             momentum, h and the per-step gradient statistics (and IVONPC's g_out, h_out and
             sigma_out) in bf16, computed in fp32; momentum, h and the outer statistics are written
