@@ -164,18 +164,6 @@ def test_counter_noise_is_standard_normal_and_independent():
         assert abs((x * y).mean().item()) < 4 * x.numel() ** -0.5
 
 
-def test_cos_and_sin_of_the_turn_fraction_are_accurate():
-    import math
-
-    from hf_ivonpc.optim import _kernels as K
-    b = torch.randint(-2**31, 2**31, (1 << 20,), dtype=torch.int64).to(torch.int32)
-    turn = 2 * math.pi * ((b.to(torch.int64) >> 8) & 0xFFFFFF).double() / 2**24
-    for dtype, tol in ((torch.float32, 3e-7), (torch.float64, 1e-7)):
-        c, s = K._cos_sin_turn(b, dtype)
-        assert (c.double() - torch.cos(turn)).abs().max() < tol
-        assert (s.double() - torch.sin(turn)).abs().max() < tol
-
-
 def test_counters_past_two_to_the_32_do_not_wrap_around():
     from hf_ivonpc.optim import _kernels as K
     key = torch.tensor([11, 22, 33, 44, 0])

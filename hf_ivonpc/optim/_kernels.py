@@ -139,26 +139,8 @@ def standard_normal_pairs(counter, like, dtype):
     b = _mix(_mix(lo ^ k[2]) ^ (k[3] + hi))
     u = (((a >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216)     # in (0, 1)
     r = torch.sqrt(-2.0 * torch.log(u))
-    c, s = _cos_sin_turn(b, dtype)
-    return [r * c, r * s][:len(like)]
-
-
-def _cos_sin_turn(b, dtype):
-    """cos and sin of 2 pi v, v the 24-bit fraction of a turn in the top bits of ``b``: the
-    quadrant from its top 2 bits, the angle x in [0, pi / 2) from the other 22, one Taylor
-    polynomial each sharing x^2 (truncation under 6e-8, below half an fp32 ulp of 1), then the
-    quarter-turn rotation: one argument reduction for both, where ``cos`` and ``sin`` each make
-    their own (the draw takes about 0.6x the time)."""
-    q = (b >> 30) & 3
-    x = ((b >> 8) & 0x3FFFFF).to(dtype) * (1.5707963267948966 / 4194304)
-    x2 = x * x
-    sin = x * (1.0 + x2 * (-1 / 6 + x2 * (1 / 120 + x2 * (-1 / 5040 + x2 * (1 / 362880
-                                                                        - x2 / 39916800)))))
-    cos = 1.0 + x2 * (-0.5 + x2 * (1 / 24 + x2 * (-1 / 720 + x2 * (1 / 40320 + x2 * (
-        -1 / 3628800 + x2 / 479001600)))))
-    c = torch.where(q == 0, cos, torch.where(q == 1, -sin, torch.where(q == 2, -cos, sin)))
-    s = torch.where(q == 0, sin, torch.where(q == 1, cos, torch.where(q == 2, -sin, -cos)))
-    return c, s
+    t = ((b >> 8) & 0xFFFFFF).to(dtype) * (6.283185307179586 / 16777216)
+    return [r * torch.cos(t), r * torch.sin(t)][:len(like)]
 
 
 def normal_fill(out, sc, counter):
