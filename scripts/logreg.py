@@ -59,9 +59,8 @@ import os
 import sys
 import time
 
-import torch
-
 from hf_ivonpc.tasks import logreg as L
+from hf_ivonpc.tasks.campaign import torch_threads
 
 #: output of ``--tune`` (30 epochs, seed 1000); see the module docstring. For the methods of
 #: ``L.ALPHA_METHODS`` the learning rate at the selected alpha (``TUNED_ALPHA``)
@@ -298,12 +297,8 @@ def _table_literal(table: dict, pow2: bool = True) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)   # each run's CPU time is its cost
-    try:
+    with torch_threads(1):   # each run's CPU time is its cost
         return _main(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _main(args) -> dict:

@@ -100,3 +100,15 @@ def test_report_only_refuses_to_train(tmp_path):
     evidence = load_script("evidence")
     with pytest.raises(SystemExit, match="has not finished"):
         evidence.main(["--regime", "digits", "--quick", "--out", str(tmp_path), "--report_only"])
+
+
+def test_torch_threads_gives_the_caller_its_thread_count_back():
+    import torch
+
+    before = torch.get_num_threads()
+    inside = 1 if before > 1 else 2
+    with pytest.raises(RuntimeError):
+        with C.torch_threads(inside):
+            assert torch.get_num_threads() == inside
+            raise RuntimeError("a run fails")
+    assert torch.get_num_threads() == before

@@ -12,6 +12,7 @@ import math
 import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -20,6 +21,20 @@ from transformers import TrainerCallback
 
 #: the seed every tuning run uses; reported runs use other seeds
 TUNE_SEED = 1000
+
+
+@contextmanager
+def torch_threads(n: int):
+    """Run the block on ``n`` torch threads (a run's CPU time is its cost), then give the caller
+    its thread count back."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class CPUClock(TrainerCallback):

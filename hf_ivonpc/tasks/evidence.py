@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .campaign import CPUClock, gradient_evaluations
+from .campaign import CPUClock, gradient_evaluations, torch_threads
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HOW = "apt-get install dataset-fashion-mnist (Debian)"
@@ -158,12 +158,8 @@ def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
     """One run on ``threads`` threads (its CPU time is its cost): ``cfg`` holds method, seed, lr
     and, for the corrected methods, alpha, mean_term_weight (w) and rho; the regime fixes the
     rest. The caller's thread count is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _train_run(regime, cfg)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _train_run(regime: str, cfg: dict) -> dict:
