@@ -651,15 +651,20 @@ class Posterior:
                                      f"{tuple(self.hess[n].shape)}: expected equal shapes")
         for g in self.groups:
             for n in g["params"]:
-                s, h = self.std[n].double(), self.hess[n].double()
-                expected = h.add(g["weight_decay"]).mul(g["ess"]).rsqrt()
-                rtol = max(1e-5, 8 * torch.finfo(self.std[n].dtype).eps)
-                if not (torch.isfinite(h).all() and (h + g["weight_decay"] > 0).all()):
+                # computed in fp32 at least (fp64 for fp64 tensors), whose rounding (~1e-7) is far
+                # below rtol; h + wd is a new tensor, turned into the expected std in place
+                s, h = self.std[n], self.hess[n]
+                rtol = max(1e-5, 8 * torch.finfo(s.dtype).eps)
+                s = s.to(torch.promote_types(s.dtype, torch.float32))
+                precision = h.to(torch.promote_types(h.dtype, torch.float32)).add(g["weight_decay"])
+                if not (torch.isfinite(precision).all() and (precision > 0).all()):
                     raise ValueError(f"{src}: 'hess.{n}' holds non-finite or non-positive values "
                                      "(h + weight_decay <= 0): the training run diverged (NaN "
                                      "losses); lower learning_rate or set ivon_clip_radius")
+                expected = precision.mul_(g["ess"]).rsqrt_().to(s.dtype)   # > 0
+                # allclose(s, expected, rtol, atol=0) for finite tensors, in two passes
                 if not (torch.isfinite(s).all() and (s > 0).all()
-                        and torch.allclose(s, expected, rtol=rtol, atol=0.0)):
+                        and (s.sub(expected).abs_() <= expected.mul_(rtol)).all()):
                     raise ValueError(f"{src}: 'std.{n}' is not 1 / sqrt(ess (h + weight_decay)) "
                                      f"with ess={g['ess']}, weight_decay={g['weight_decay']} and its "
                                      "'hess' tensor (or not finite and > 0): the file is inconsistent")

@@ -194,6 +194,11 @@ def test_corrupt_or_mismatched_files_are_refused(tmp_path):
     as_int = {**tensors, "hess.transformer.wpe.weight": torch.ones(32, 32, dtype=torch.int32)}
     with pytest.raises(ValueError, match="dtype torch.int32: expected a floating point"):
         Posterior.from_pretrained(variant("dtype", tensors=as_int))
+    for bad in (float("nan"), float("inf"), -1.0):   # from a diverged run: no posterior (h + weight_decay <= 0)
+        hess = tensors["hess.transformer.wpe.weight"].clone()
+        hess[3, 5] = bad
+        with pytest.raises(ValueError, match="'hess.transformer.wpe.weight' holds non-finite or non-positive"):
+            Posterior.from_pretrained(variant(f"hess{bad}", tensors={**tensors, "hess.transformer.wpe.weight": hess}))
     # format version 1 stored sigma beside h: it must have h's shape and equal sigma(h)
     v1 = tmp_path / "v1"
     meta1, tensors1 = _header(_save_v1(_toy_posterior(model), v1)), load_file(v1 / POSTERIOR_NAME)

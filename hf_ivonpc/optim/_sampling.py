@@ -65,7 +65,9 @@ class SamplingProtocol:
         ``"in"`` draw); ``at="mega"`` draws a fresh theta ~ q_in for a micro-batch of the mega-batch
         (only inside ``refreshing()``). With ``train=True`` the gradients left in ``p.grad`` are
         collected on exit and consumed. The parameters are restored on exit, also on an exception
-        (then nothing is collected).
+        (then nothing is collected; after an exception at theta_out, whose mini-batch cannot be
+        paired any more, the whole step's collection is dropped and the next pass starts the
+        step afresh).
         """
         check_arg("at", at, at in SAMPLE_ROLES, f"one of {SAMPLE_ROLES}")
         if self._sampling is not None:
@@ -91,6 +93,9 @@ class SamplingProtocol:
         except BaseException:
             self._sampling = None
             self._write_params()
+            if at == "out":
+                self._reset_accumulators()
+                self._last_draw = None
             raise
         self._sampling = None
         try:
