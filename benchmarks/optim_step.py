@@ -20,10 +20,12 @@ no forward or backward). What is timed per variant and repetition:
 * ``copy``: ``dst.copy_(src)`` of as many floats as there are parameters: the machine's copy
   bandwidth (8 bytes moved per number), the yardstick of the GB/s column.
 * ``randn``: ``torch.randn`` of as many floats as there are parameters (the noise floor).
-* ``normal_gen``: ``buf.normal_(generator=ivon.generator)`` on a preallocated buffer of that size.
-* ``noise_draw``: the draw our IVON step itself makes, on its own (``ivon._draw_noise``: the
-  noise N(0, 1) / sigma drawn by the counter-based generator inside one compiled pass), where
-  that method exists; ``noise_share_ivon`` = noise_draw / ivon (normal_gen / ivon without it).
+* ``normal_gen``: ``buf.normal_(generator=g)`` on a preallocated buffer of that size, with the
+  generator of an IVON of its own.
+* ``noise_draw``: the draw our IVON makes at sampling time, on its own (``_draw_noise`` of that
+  IVON: the noise N(0, 1) / sigma drawn by the counter-based generator in one compiled pass; the
+  ``ivon`` variant's step writes it ahead inside its update instead), where that method exists;
+  ``noise_share_ivon`` = noise_draw / ivon (normal_gen / ivon without it).
 * with ``--eager``: ``ivon_eager`` / ``ivon_pcm_eager``, ours with ``fused=False`` (no torch.compile).
 
 Bytes moved per step (``traffic``) count what each pass over memory of the step reads and writes
@@ -73,9 +75,23 @@ GOALS = {"ivon/adamw_fused": 6.0, "ivon_pcm/adamw_fused": 12.0, "ivon/ivon_opt":
 def traffic(variant: str) -> list[tuple[str, float]] | None:
     """The passes over memory of one step, (what, bytes per parameter read + written), for fp32
     parameters and gradients and one in-sample per step (None where not modelled). ``s`` is a
-    state buffer's size: 4 bytes, 2 for momentum, h, g_out and h_out with bf16 state."""
+    state buffer's size: 4 bytes, 2 for momentum, h, g_out and h_out with bf16 state.
+
+    A kept noise buffer is drawn into by the previous step's update (the next step's noise, drawn
+    ahead in its loop): no draw pass, and the update writes the noise too."""
+    if variant.startswith(("ivon", "ivon_pcm")) and not variant.endswith("_regen") \
+            and variant != "ivon_opt":
+        drawn = _traffic_drawn_at_sampling(variant)
+        return None if drawn is None else [(w.replace(", w mean m h", ", w mean m h noise"), b + 4) if w.startswith("update")
+                else (w, b) for w, b in drawn if not w.startswith("draw noise")]
+    return _traffic_drawn_at_sampling(variant)
+
+
+def _traffic_drawn_at_sampling(variant: str) -> list[tuple[str, float]] | None:
+    """``traffic`` with every noise drawn when a sample is taken (the regenerated variants'
+    case: they keep no buffer to draw ahead into)."""
     if variant.endswith("_regen"):   # no noise buffer: the noise is drawn again where needed
-        base = traffic(variant[:-len("_regen")])
+        base = _traffic_drawn_at_sampling(variant[:-len("_regen")])
         s = 2 if "_bf16" in variant else 4
         if base is None:
             return None
@@ -288,13 +304,16 @@ def build_variants(shapes, grads, numel: int, eager: bool = False) -> list[Varia
     variants.append(Variant("copy", [], None, lambda: dst.copy_(src), lambda: 0))
     # noise: the floor (allocate + fill, global generator) and the draw our IVON makes
     variants.append(Variant("randn", [], None, lambda: torch.randn(numel), lambda: 0))
+    # (on an optimizer of their own: drawing from the ivon variant's generator between its steps
+    # would make its step draw afresh instead of using the noise its previous step drew ahead)
+    drawer = IVON(make_params(shapes, 0), **IVON_KW, seed=0)
     buf = torch.empty(numel)
-    gen = ours.generator
+    gen = drawer.generator
     variants.append(Variant("normal_gen", [], None, lambda: buf.normal_(generator=gen), lambda: 0))
-    if hasattr(ours, "_draw_noise"):  # the draw our step makes: N(0, 1) / sigma, one pass
+    if hasattr(drawer, "_draw_noise"):  # the draw our step makes: N(0, 1) / sigma, one pass
         def noise_draw():
-            for gi, group in enumerate(ours.param_groups):
-                ours._draw_noise(gi, group)
+            for gi, group in enumerate(drawer.param_groups):
+                drawer._draw_noise(gi, group)
         variants.append(Variant("noise_draw", [], None, noise_draw, lambda: 0))
     return variants
 

@@ -55,6 +55,68 @@ def test_fast_equals_reference(shared_noise, micro, fused, noise, monkeypatch):
     assert any((slow.state[p]["m"] != 0).any() for p in pr)
 
 
+@pytest.mark.parametrize("between", ["hparams", "generator_used", "other_generator"])
+def test_noise_drawn_ahead_is_the_draw_it_stands_for(between, monkeypatch):
+    """On CPU a step writes the next draw's counter-based noise ahead, in its update's loop.
+    Whatever happens before that draw, it draws what the reference draws at that moment: with
+    a changed ess and weight_decay (the noise's scale), after someone else drew from the
+    optimizer's generator, and after a draw from another generator (as an evaluation of the
+    posterior predictive makes, into the same buffer)."""
+    monkeypatch.setattr(_random, "COUNTER_MIN", 0)
+    x, y = make_data()
+    fast, pf, slow, pr = _pair()
+    drive(fast, pf, 6, x, y)
+    drive(slow, pr, 6, x, y)
+    if between == "hparams":
+        for opt in (fast, slow):
+            for group in opt.param_groups:
+                group["ess"], group["weight_decay"] = 4 * group["ess"], 2 * group["weight_decay"]
+    elif between == "generator_used":
+        for opt in (fast, slow):
+            torch.randint(0, 10, (3,), generator=opt.generator)
+    else:
+        drawn = []
+        for opt, params in ((fast, pf), (slow, pr)):
+            own = opt.generator
+            opt.generator = torch.Generator().manual_seed(123)
+            with opt.sampled_params():   # a draw that collects nothing
+                drawn.append([p.detach().clone() for p in params])
+                for p in params:
+                    p.grad = torch.zeros_like(p)   # (the reference reads one regardless)
+            opt.generator = own
+            for p in params:
+                p.grad = None
+        _close(*drawn)
+    drive(fast, pf, 6, x, y)
+    drive(slow, pr, 6, x, y)
+    _close(pf, pr)
+    _close([fast.state[p]["hess"] for p in pf], [slow.state[p]["h"] for p in pr])
+
+
+def test_noise_drawn_ahead_is_dropped_by_a_load(monkeypatch):
+    """A state loaded over the optimizer (here its own, h doubled: the generator is where the
+    step left it) draws with the loaded h, as a fresh optimizer loading it does."""
+    monkeypatch.setattr(_random, "COUNTER_MIN", 0)
+    x, y = make_data()
+    pa, pb = make_params(), make_params()
+    a = IVON(groups_of(pa), **HP, seed=5)
+    drive(a, pa, 3, x, y)
+    sd = a.state_dict()
+    for st in sd["state"].values():
+        st["hess"] = 2 * st["hess"]
+    b = IVON(groups_of(pb), **HP, seed=6)
+    with torch.no_grad():
+        for p, q in zip(pa, pb):
+            q.copy_(p)
+    drawn = []
+    for opt, params in ((a, pa), (b, pb)):
+        opt.load_state_dict(sd)
+        with opt.sampled_params():
+            drawn.append([p.detach().clone() for p in params])
+    for p, q in zip(*drawn):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("cls,state_dtype,micro,fused", [
     (IVON, "float32", 1, True), (IVON, "bfloat16", 1, False),   # noise drawn inside the update
     (IVONPC, "float32", 1, False), (IVONPC, "float32", 2, False),  # in noise x grad; temporaries

@@ -301,6 +301,23 @@ def ivon_update_drawing(sc, counter, low_bits: bool = False, **buffers_and_flags
         ivon_update(**row, sc=sc, noise=noise, bits=noise if low_bits else None, **flags)
 
 
+def ivon_update_predraw(sc, counter, read_noise: bool, low_bits: bool, **buffers_and_flags):
+    """``ivon_update``, then the next draw's noise, z / sqrt(ess (h + wd)) with the updated h,
+    written into the kept ``noise`` buffer in the same loop (``ivon_draw_noise`` would draw the
+    same numbers from ``counter`` after the step). ``read_noise``: the update pairs this step's
+    only in-sample's noise (read from ``noise`` first) with its gradient; ``low_bits``: it takes
+    the bf16 rounding bits from it. Buffers as ``ivon_update_drawing``'s;
+    sc = ivon_update's + [ess]."""
+    flags = {k: v for k, v in buffers_and_flags.items() if not isinstance(v, (tuple, list))}
+    buffers = {k: v for k, v in buffers_and_flags.items() if isinstance(v, (tuple, list))}
+    for i, z in enumerate(standard_normal_pairs(counter, buffers["mean"], sc.dtype)):
+        row = {k: v[i] for k, v in buffers.items()}
+        noise = row.pop("noise")
+        ivon_update(**row, sc=sc, noise=noise if read_noise else None,
+                    bits=noise if low_bits else None, **flags)
+        noise.copy_(z / _root_precision(row["hess"], sc[13], sc[6], sc))
+
+
 # ---------------------------------------------------------------------------- diagnostics
 # The variance of an estimate e with mean E[e] is E||e||^2 - ||E[e]||^2; ||E[e]||^2 is estimated
 # by <e, r> with a reference r independent of e whose mean is E[e]: the debiased momentum for

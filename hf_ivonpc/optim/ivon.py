@@ -105,6 +105,9 @@ class IVON(FlatStateOptimizer):
         self.rescale_lr = rescale_lr
         self.mc_samples = mc_samples
         self.regenerate_noise = regenerate_noise
+        #: per group, (key, (ess, weight_decay)) of the noise the last step drew ahead into the
+        #: group's buffer (see ``_peek_next_keys``)
+        self._ahead: dict[int, tuple] = {}
         super().__init__(params, defaults, seed=seed, generator=generator, chunk_size=chunk_size,
                          fused=fused, state_dtype=state_dtype, **pc_kwargs)
         self.sync = sync
@@ -163,13 +166,49 @@ class IVON(FlatStateOptimizer):
 
     def _draw_noise(self, gi: int, group: dict, at: str = "in") -> torch.Tensor:
         """A fresh draw of group ``gi``'s noise (recorded for the step), flat."""
-        self._draws[gi] = (at, self._noise_key(self._flat[gi]["mean"]))
+        key = self._noise_key(self._flat[gi]["mean"])
+        self._draws[gi] = (at, key)
+        if at in ("in", "mega") and self._drawn_ahead(gi, group, key):
+            return self._flat[gi]["noise"]
+        self._ahead.pop(gi, None)
         return self._noise(gi, fresh=True)
 
     def _draw(self, at: str) -> None:
         self._materialize_nxg()
         for gi, group in enumerate(self.param_groups):
             torch._foreach_add_(self._params(gi), self._split(gi, self._draw_noise(gi, group, at)))
+
+    # ------------------------------------------------------------------ drawing ahead
+    # On CPU, a group that keeps its counter-based noise has the next draw's noise written by the
+    # update's loop (where the draw's arithmetic overlaps the update's memory traffic, and costs no
+    # pass of its own): the step peeks at the key the next draw will take from the generator (and
+    # sets the generator back), and the draw itself still takes its key then; it uses the buffer
+    # as it is if the key and the noise's ess and weight_decay are the ones the step drew with,
+    # and draws afresh otherwise (another generator, someone else's draw in between, a changed
+    # ess). The generator is used exactly as without it, so the numbers, the state_dict and a
+    # resumed run are the same.
+    def _peek_next_keys(self) -> dict[int, torch.Tensor]:
+        """The keys the next draw will take, for the leading groups that draw ahead."""
+        if self._device.type != "cpu":   # comparing keys there would synchronize
+            return {}
+        state, keys = self.generator.get_state(), {}
+        for gi, flat in enumerate(self._flat):
+            key = self._noise_key(flat["mean"])   # None (and nothing drawn): filled by normal_
+            if key is None or self._regenerates(key):
+                break   # a later group's key depends on what this one's draw will consume
+            keys[gi] = key
+        self.generator.set_state(state)
+        return keys
+
+    def _after_load(self) -> None:
+        super()._after_load()
+        self._ahead = {}   # drawn with the h before the load
+
+    def _drawn_ahead(self, gi: int, group: dict, key: torch.Tensor | None) -> bool:
+        """Whether the noise buffer holds this draw's noise already (see above)."""
+        ahead = self._ahead.pop(gi, None)
+        return (ahead is not None and key is not None and torch.equal(ahead[0], key)
+                and ahead[1] == (group["ess"], group["weight_decay"]))
 
     def _collect(self, gi, group, at, grads, idx):
         # A step's first and only in-sample (the common case) leaves noise x grad unformed: the
@@ -256,11 +295,24 @@ class IVON(FlatStateOptimizer):
                      mean_term=use_correction and group.get("mean_term_weight", 0.0) != 0.0,
                      clipped=self._diag_clipped if track else None)
         key = self._draws[gi][1]
-        if pending and self._regenerates(key) and ranges == [slice(0, flat["mean"].numel())]:
+        if gi == 0:
+            self._ahead = {g: (k, None) for g, k in self._peek_next_keys().items()}
+        full = ranges == [slice(0, flat["mean"].numel())]
+        if pending and self._regenerates(key) and full:
             # the noise is drawn again inside the update's loop (no temporary, no pass)
             self._run(K.ivon_update_drawing, tensors, scalars + [group["ess"]], counter=key,
                       low_bits=self.low_precision, **flags)
             return
+        if gi in self._ahead and full:
+            # the next draw's noise written in the update's loop, into the buffer that the update
+            # reads this step's noise from
+            next_key = self._ahead[gi][0]
+            tensors["noise"] = flat["noise"]
+            self._run(K.ivon_update_predraw, tensors, scalars + [group["ess"]], counter=next_key,
+                      read_noise=bool(pending), low_bits=self.low_precision, **flags)
+            self._ahead[gi] = (next_key, (group["ess"], group["weight_decay"]))
+            return
+        self._ahead.pop(gi, None)
         if pending or self.low_precision:
             noise = self._noise(gi)
             if pending:
