@@ -288,34 +288,29 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
     mean.copy_(mean - lr * u)                          # line 15
 
 
-def ivon_update_drawing(sc, counter, low_bits: bool = False, **buffers_and_flags):
-    """``ivon_update`` with the step's only in-sample's noise, z / sqrt(ess (h + wd)), drawn again
-    in the loop from ``counter`` instead of read (and used for the rounding bits with
-    ``low_bits``). Each buffer is a pair of slices as ``run_kernel`` gives them with a counter.
-    sc = ivon_update's + [ess]."""
+def ivon_update_drawing(sc, counter, low_bits: bool = False, ahead: bool = False,
+                        read_noise: bool = False, **buffers_and_flags):
+    """``ivon_update`` with a draw from ``counter`` in its loop, z / sqrt(ess (h + wd)). Each buffer
+    is a pair of slices as ``run_kernel`` gives them with a counter; sc = ivon_update's + [ess].
+
+    Without ``ahead``: the draw is the step's only in-sample's noise drawn again (with the h
+    before the update) instead of read, and gives the rounding bits with ``low_bits``.
+    With ``ahead``: the draw is the next draw's noise (with the updated h), written into the kept
+    ``noise`` buffer after the update (``ivon_draw_noise`` would draw the same numbers from
+    ``counter`` then); the update reads this step's noise from that buffer first with
+    ``read_noise``, and its rounding bits with ``low_bits``."""
     flags = {k: v for k, v in buffers_and_flags.items() if not isinstance(v, (tuple, list))}
     buffers = {k: v for k, v in buffers_and_flags.items() if isinstance(v, (tuple, list))}
     for i, z in enumerate(standard_normal_pairs(counter, buffers["mean"], sc.dtype)):
         row = {k: v[i] for k, v in buffers.items()}
-        noise = z / _root_precision(row["hess"], sc[13], sc[6], sc)
-        ivon_update(**row, sc=sc, noise=noise, bits=noise if low_bits else None, **flags)
-
-
-def ivon_update_predraw(sc, counter, read_noise: bool, low_bits: bool, **buffers_and_flags):
-    """``ivon_update``, then the next draw's noise, z / sqrt(ess (h + wd)) with the updated h,
-    written into the kept ``noise`` buffer in the same loop (``ivon_draw_noise`` would draw the
-    same numbers from ``counter`` after the step). ``read_noise``: the update pairs this step's
-    only in-sample's noise (read from ``noise`` first) with its gradient; ``low_bits``: it takes
-    the bf16 rounding bits from it. Buffers as ``ivon_update_drawing``'s;
-    sc = ivon_update's + [ess]."""
-    flags = {k: v for k, v in buffers_and_flags.items() if not isinstance(v, (tuple, list))}
-    buffers = {k: v for k, v in buffers_and_flags.items() if isinstance(v, (tuple, list))}
-    for i, z in enumerate(standard_normal_pairs(counter, buffers["mean"], sc.dtype)):
-        row = {k: v[i] for k, v in buffers.items()}
-        noise = row.pop("noise")
-        ivon_update(**row, sc=sc, noise=noise if read_noise else None,
-                    bits=noise if low_bits else None, **flags)
-        noise.copy_(z / _root_precision(row["hess"], sc[13], sc[6], sc))
+        if ahead:
+            noise = row.pop("noise")
+            ivon_update(**row, sc=sc, noise=noise if read_noise else None,
+                        bits=noise if low_bits else None, **flags)
+            noise.copy_(z / _root_precision(row["hess"], sc[13], sc[6], sc))
+        else:
+            noise = z / _root_precision(row["hess"], sc[13], sc[6], sc)
+            ivon_update(**row, sc=sc, noise=noise, bits=noise if low_bits else None, **flags)
 
 
 # ---------------------------------------------------------------------------- diagnostics

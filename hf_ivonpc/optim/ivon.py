@@ -308,8 +308,8 @@ class IVON(FlatStateOptimizer):
             # reads this step's noise from
             next_key = self._ahead[gi][0]
             tensors["noise"] = flat["noise"]
-            self._run(K.ivon_update_predraw, tensors, scalars + [group["ess"]], counter=next_key,
-                      read_noise=bool(pending), low_bits=self.low_precision, **flags)
+            self._run(K.ivon_update_drawing, tensors, scalars + [group["ess"]], counter=next_key,
+                      ahead=True, read_noise=bool(pending), low_bits=self.low_precision, **flags)
             self._ahead[gi] = (next_key, (group["ess"], group["weight_decay"]))
             return
         self._ahead.pop(gi, None)
