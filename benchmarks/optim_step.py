@@ -92,24 +92,11 @@ def _traffic_drawn_at_sampling(variant: str) -> list[tuple[str, float]] | None:
     case: they keep no buffer to draw ahead into)."""
     if variant.endswith("_regen"):   # no noise buffer: the noise is drawn again where needed
         base = _traffic_drawn_at_sampling(variant[:-len("_regen")])
-        s = 2 if "_bf16" in variant else 4
         if base is None:
             return None
-        again = ("draw noise again: r h, w temporary", s + 4)
-        if variant.startswith("ivon_pcm"):   # for the out collection
-            base = [("draw theta_out noise: r sigma_out, w temporary", s + 4) if w.startswith("noise to")
-                    else (w, b) for w, b in base]
-            out = []
-            for w, b in base:
-                if w.startswith("noise x grad"):   # the noise drawn in the product's loop
-                    w, b = "noise x grad: r h acc_g, w acc_nxg", b - 4 + s
-                if w.startswith("collect out"):
-                    out.append(again)
-                out.append((w, b))
-            return out
-        # IVON's update draws the noise in its loop instead of reading it
-        return [(w.replace(" noise, w", ", w"), b - 4) if w.startswith("update") else (w, b)
-                for w, b in base]
+        # the update (and IVON-PCM's theta_out) draw the noise in their loop instead of reading it
+        return [(w.replace(" noise, w", ", w"), b - 4) if w.startswith(("update", "theta_out"))
+                else (w, b) for w, b in base]
     s = 2 if variant.endswith("_bf16") else 4
     if variant == "adamw_fused":
         return [("update: r param grad m v, w param m v", 28)]
@@ -121,18 +108,18 @@ def _traffic_drawn_at_sampling(variant: str) -> list[tuple[str, float]] | None:
                 ("update: r mean m h acc_g noise, w mean m h", 4 + 2 * s + 8 + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant in ("ivon_pcm", "ivon_pcm_bf16"):
-        bits = 4 if s == 2 else 0   # the noise is read again for the rounding bits
+        # one in- and one out-sample with shared noise: both are paired with the noise in the
+        # update (whose noise read also gives the bf16 rounding bits)
         return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
                 ("collect in: r grad, w acc_g", 8),
                 ("params <- mean, leaving sampled_params: r mean, w param", 8),
-                ("noise x grad: r noise acc_g, w acc_nxg", 12),
-                ("noise to theta_out: r noise h sigma_out, w noise", 12 + s),
-                ("params <- m_out + noise: r m_out noise, w param", 12),
-                ("collect out: r grad acc_g noise, w acc_g acc_nxg_out", 20),
+                ("theta_out: r m_out h sigma_out noise, w acc_out", 16 + s),
+                ("params <- theta_out: r acc_out, w param", 8),
+                ("collect out: r grad, w acc_out", 8),
                 ("params <- mean, leaving sampled_params: r mean, w param", 8),
-                ("update: r mean m h acc_g acc_nxg g_out h_out m_out sigma_out acc_nxg_out, "
-                 "w mean m h", 4 * 6 + 4 * s + bits + 4 + 2 * s),
+                ("update: r mean m h acc_g acc_out g_out h_out m_out sigma_out noise, w mean m h",
+                 4 * 6 + 4 * s + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant == "copy":
         return [("copy: r src, w dst", 8)]

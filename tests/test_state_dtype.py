@@ -114,11 +114,15 @@ def test_bf16_state_resumes_bit_exact(fused, counter, regenerate, monkeypatch):
 @pytest.mark.parametrize("cls, micro, regenerate, fp32, bf16", [
     (IVON, 1, False, 20, 14),     # one in-sample per step: noise x grad formed inside the update
     (IVON, 2, False, 24, 16),     # several: their noise x grad pairs are accumulated (acc_nxg)
-    (IVONPC, 1, False, 44, 28),   # correction on: g_out, h_out, m_out, sigma_out, two pair buffers
+    # correction on: g_out, h_out, m_out, sigma_out, and the out-sample's gradient (acc_out, in
+    # the mean's precision: it holds theta_out first) paired with the noise inside the update ...
+    (IVONPC, 1, False, 40, 28),
+    (IVONPC, 2, False, 44, 30),   # ... or in acc_nxg and acc_out, with several samples
     # no noise buffer: the noise is drawn again from its key where the step needs it
     (IVON, 1, True, 16, 10),
     (IVON, 2, True, 20, 12),
-    (IVONPC, 1, True, 40, 24),
+    (IVONPC, 1, True, 36, 24),
+    (IVONPC, 2, True, 40, 26),
 ])
 def test_state_bytes_per_parameter(cls, micro, regenerate, fp32, bf16, monkeypatch):
     if regenerate:   # a group large enough for the counter-based noise
@@ -204,7 +208,7 @@ def test_bf16_accumulators_hold_the_rounded_fp32_sums(cls, micro):
     with h0 a power of two, the same draws)."""
     x, y = make_data(dtype=torch.float32)
     # (acc_nxg is formed from the rounded acc_g at the next draw, not summed pair by pair)
-    names = ["acc_g"] + (["acc_nxg_out"] if cls is IVONPC else [])
+    names = ["acc_g"]
     flats, peak = {}, {}
     for state_dtype in ("float32", "bfloat16"):
         params = make_params(dtype=torch.float32)

@@ -182,7 +182,8 @@ class FlatBuffers:
             self._record_param_versions()
 
     @torch.no_grad()
-    def _write_params(self, name: str = "mean") -> None:
-        for gi in range(len(self.param_groups)):
+    def _write_params(self, name: str = "mean", groups: list[int] | None = None) -> None:
+        """parameters <- buffer ``name`` (of ``groups``; None: all)."""
+        for gi in range(len(self.param_groups)) if groups is None else groups:
             torch._foreach_copy_(self._params(gi), self._views[gi][name])
         self._record_param_versions()

@@ -222,9 +222,39 @@ def ivon_nxg_drawing(out, hess, grad, sc, counter):
         o.copy_(z / _root_precision(h, sc[0], sc[1], sc) * _read(g, sc))
 
 
+def _noise_at_out(noise, hess, sigma_out, ess, wd, sc):
+    """eps sigma_out for theta_in's noise eps / sqrt(ess (h + wd)): the same standard normals at
+    the outer posterior (shared noise), rounded as every kernel rounds it."""
+    return noise * (_root_precision(hess, ess, wd, sc) * _read(sigma_out, sc))
+
+
 def ivon_noise_to_out(noise, hess, sigma_out, sc):
     """eps = noise sqrt(ess (h + wd)) reused at the outer posterior: noise <- eps sigma_out."""
-    noise.mul_(_root_precision(hess, sc[0], sc[1], sc) * _read(sigma_out, sc))
+    noise.copy_(_noise_at_out(noise, hess, sigma_out, sc[0], sc[1], sc))
+
+
+def pc_theta_out(theta, m_out, hess, sigma_out, sc, noise=None, counter=None):
+    """theta <- m_out + eps sigma_out, theta_out with theta_in's standard normals eps (shared
+    noise), written into a scratch buffer: from theta_in's noise kept in ``noise``, or drawn
+    again from its ``counter`` (then each buffer is a pair of slices, see ``run_kernel``); the
+    noise rounded as ``ivon_noise_to_out`` and ``ivon_draw_noise_out`` round it. sc = [ess, wd]."""
+    if counter is None:
+        theta.copy_(_read(m_out, sc) + _noise_at_out(noise, hess, sigma_out, sc[0], sc[1], sc))
+        return
+    for i, z in enumerate(standard_normal_pairs(counter, theta, sc.dtype)):
+        nz = z / _root_precision(hess[i], sc[0], sc[1], sc)
+        theta[i].copy_(m_out[i] + _noise_at_out(nz, hess[i], sigma_out[i], sc[0], sc[1], sc))
+
+
+def pc_pair_first(acc_g, acc_out, acc_nxg, noise, hess, sigma_out, sc):
+    """The step's first in- and out-sample, left unpaired by their collections (acc_g holds x_in,
+    acc_out x_out, ``noise`` theta_in's noise), paired now that another sample follows:
+    acc_nxg <- noise x_in, acc_out <- noise_out x_out, acc_g <- x_in - alpha x_out, as the
+    collections of later samples accumulate them. sc = [ess, wd, alpha]."""
+    x_in, x_out = _read(acc_g, sc), _read(acc_out, sc)   # (eagerly, the buffers themselves:
+    acc_nxg.copy_(noise * x_in)                            # each is overwritten after its last use)
+    acc_g.copy_(x_in - sc[2] * x_out)
+    acc_out.copy_(_noise_at_out(noise, hess, sigma_out, sc[0], sc[1], sc) * x_out)
 
 
 def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool,
@@ -245,9 +275,12 @@ def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc,
 
 
 def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out=None,
-                h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, bits=None,
-                price: bool = True, clip: bool = True, mean_term: bool = False, clipped=None):
+                h_out=None, m_out=None, sigma_out=None, acc_nxg_out=None, acc_g_out=None,
+                bits=None, price: bool = True, clip: bool = True, mean_term: bool = False,
+                clipped=None):
     """One IVON(-PCM) step, Alg. 4 lines 8-16. The correction is used when ``g_out`` is given.
+    With ``acc_g_out``, the step's only in- and out-sample are paired here (see
+    ``pc_pair_first``): acc_g holds x_in, acc_g_out x_out and ``noise`` theta_in's noise.
 
     sc = [1/k, beta1, 1 - beta1, beta2, 1 - beta2, (1 - beta2)^2 / 2, wd, ess/k, debias,
           step size, clip radius, alpha, alpha * mean-term weight]
@@ -259,6 +292,10 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
     hpd = h + wd                                       # with the old h: the noise's
     acc_g = _read(acc_g, sc)
     acc_nxg = noise * acc_g if noise is not None else _read(acc_nxg, sc)
+    if acc_g_out is not None:                          # k = 1: ess_k is ess
+        x_out = _read(acc_g_out, sc)
+        acc_nxg_out = _noise_at_out(noise, hess, sigma_out, ess_k, wd, sc) * x_out
+        acc_g = acc_g - a * x_out
     g_hat = acc_g * inv_k                              # line 8
     h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
     extra = None
@@ -322,24 +359,34 @@ def _dot(a, b):
     return (a * b).sum(dtype=torch.float64)
 
 
-def pc_stats_plain(acc_g, acc_nxg, hess, momentum, h_out, sc, out):
+def pc_stats_plain(acc_g, hess, momentum, h_out, sc, out, acc_nxg=None, noise=None):
     """The plain estimates of a micro-batch before its theta_out pass. sc = [wd, ess, 1/debias].
-    out += [x.x, x.r, hx.hx, hx.h_out] with x its gradient, hx = x eps / sigma, r the momentum."""
+    out += [x.x, x.r, hx.hx, hx.h_out] with x its gradient, hx = x eps / sigma, r the momentum
+    (x eps sigma in ``acc_nxg``, or formed from theta_in's ``noise``)."""
     hess, momentum, h_out = _read(hess, sc), _read(momentum, sc), _read(h_out, sc)
-    acc_g, acc_nxg = _read(acc_g, sc), _read(acc_nxg, sc)
+    acc_g = _read(acc_g, sc)
+    acc_nxg = noise * acc_g if noise is not None else _read(acc_nxg, sc)
     r = momentum * sc[2]
     hx = acc_nxg * (hess + sc[0]) * sc[1]
     out.add_(torch.stack([_dot(acc_g, acc_g), _dot(acc_g, r), _dot(hx, hx), _dot(hx, h_out)]))
 
 
-def pc_stats_corrected(acc_g, acc_nxg, acc_nxg_out, hess, sigma_out, momentum, g_out, h_out, sc, out):
+def pc_stats_corrected(acc_g, hess, sigma_out, momentum, g_out, h_out, sc, out, acc_nxg=None,
+                       acc_nxg_out=None, acc_g_out=None, noise=None):
     """The corrected estimates of the same micro-batch after its theta_out pass; acc_g holds
     z = x - alpha g_o, so the corrected gradient is c z + alpha g_out for a micro-batch that is a
     share 1/c of the step. sc = [wd, ess, 1/debias, alpha]. out += [z.z, z.ga, ga.ga, z.r, ga.r,
     w.w, w.ha, ha.ha, w.h_out, ha.h_out] with ga = alpha g_out, ha = alpha h_out and
-    w = hx - alpha ho the corrected Hessian estimate's micro-batch part."""
+    w = hx - alpha ho the corrected Hessian estimate's micro-batch part. With ``acc_g_out`` the
+    two samples are not paired yet (see ``pc_pair_first``): they are paired here as there."""
     hess, momentum, g_out, h_out = _read(hess, sc), _read(momentum, sc), _read(g_out, sc), _read(h_out, sc)
-    acc_g, acc_nxg, acc_nxg_out = _read(acc_g, sc), _read(acc_nxg, sc), _read(acc_nxg_out, sc)
+    if acc_g_out is not None:
+        x_in, x_out = _read(acc_g, sc), _read(acc_g_out, sc)
+        acc_nxg = noise * x_in
+        acc_nxg_out = _noise_at_out(noise, hess, sigma_out, sc[1], sc[0], sc) * x_out
+        acc_g = x_in - sc[3] * x_out
+    else:
+        acc_g, acc_nxg, acc_nxg_out = _read(acc_g, sc), _read(acc_nxg, sc), _read(acc_nxg_out, sc)
     sigma_out = _read(sigma_out, sc)
     r = momentum * sc[2]
     ga = g_out * sc[3]

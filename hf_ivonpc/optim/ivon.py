@@ -58,7 +58,7 @@ class IVON(FlatStateOptimizer):
             momentum, h and the per-step gradient statistics (and IVONPC's g_out, h_out and
             sigma_out) in bf16, computed in fp32; momentum, h and the outer statistics are written
             with stochastic rounding. The mean and the noise stay fp32. IVON keeps 14 instead of
-            20 bytes per parameter, IVONPC 28 instead of 44 (10 and 24 with ``regenerate_noise``).
+            20 bytes per parameter, IVONPC 28 instead of 40 (10 and 24 with ``regenerate_noise``).
         regenerate_noise: for groups of at least ``_random.COUNTER_MIN`` (2^20) elements, whose
             noise comes from the counter-based generator: draw the noise again from its key
             wherever a step needs it (the collection, the update) instead of keeping it in a
@@ -73,8 +73,8 @@ class IVON(FlatStateOptimizer):
     persistent_buffers = ("mean", "momentum", "hess")
     transient_buffers = ("noise", "acc_g", "acc_nxg")
     # a step's only in-sample pairs noise and gradient inside the update: acc_nxg is needed only
-    # with several in-samples per step, sync, gradsq or a correction (see ``_collect``); the noise
-    # buffer is not needed by groups that regenerate their noise
+    # with several in-samples per step, sync or gradsq (see ``_collect``, and IVONPC's); the
+    # noise buffer is not needed by groups that regenerate their noise
     lazy_buffers = ("noise", "acc_nxg")
     low_precision_buffers = ("momentum", "hess", "acc_g", "acc_nxg")
 
@@ -231,9 +231,10 @@ class IVON(FlatStateOptimizer):
         #: per group, the role and counter key of the last draw of the step (None before one)
         self._draws: list[tuple[str, torch.Tensor | None] | None] = [None] * len(self.param_groups)
 
-    def _materialize_nxg(self) -> None:
+    def _materialize_nxg(self, groups: list[int] | None = None) -> None:
+        """Form the noise x grad products left to the update (of ``groups``; None: all)."""
         for gi, pending in enumerate(self._nxg_pending):
-            if pending:
+            if pending and (groups is None or gi in groups):
                 flat = self._flat[gi]
                 key = self._draws[gi][1]
                 if self._regenerates(key):   # the noise drawn again in the product's loop
@@ -258,6 +259,11 @@ class IVON(FlatStateOptimizer):
         return ("acc_g", "acc_nxg")
 
     # ------------------------------------------------------------------ update
+    def _correction_buffers(self, gi: int) -> dict[str, torch.Tensor]:
+        """The buffers the update of group ``gi`` reads for the correction, by the update
+        kernel's names (IVONPC)."""
+        raise NotImplementedError
+
     def _step_size(self, group: dict) -> float:
         lr = group["lr"]
         return lr * (group["hess_init"] + group["weight_decay"]) if self.rescale_lr else lr
@@ -284,9 +290,9 @@ class IVON(FlatStateOptimizer):
         pending = self._nxg_pending[gi]
         if not pending:
             names.append("acc_nxg")
-        if use_correction:
-            names += ["g_out", "h_out", "m_out", "sigma_out", "acc_nxg_out"]
         tensors = {n: flat[n] for n in names}
+        if use_correction:
+            tensors.update(self._correction_buffers(gi))
         clip = r != float("inf")
         track = self.track_diagnostics and clip
         if track:

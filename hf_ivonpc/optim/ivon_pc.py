@@ -52,9 +52,13 @@ class IVONPC(IVON):
     """
 
     persistent_buffers = IVON.persistent_buffers + ("g_out", "h_out", "m_out", "sigma_out")
-    transient_buffers = IVON.transient_buffers + ("acc_nxg_out",)
-    lazy_buffers = IVON.lazy_buffers + ("acc_nxg_out",)   # from the correction's start
-    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out", "sigma_out", "acc_nxg_out")
+    # acc_out: the out-samples' noise x grad sum (acc_nxg_out in the kernels); in the common step
+    # (see "sampling" below) first theta_out, then the out-sample's gradient (acc_g_out), unpaired;
+    # in a refresh, the mega-batch's noise x grad sum
+    transient_buffers = IVON.transient_buffers + ("acc_out",)
+    lazy_buffers = IVON.lazy_buffers + ("acc_out",)   # from the correction's start
+    # (acc_out holds theta_out, so it has the mean's precision)
+    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out", "sigma_out")
     corrects = True
 
     # the project's defaults (hparams), the same as PCTrainingArguments'
@@ -90,21 +94,67 @@ class IVONPC(IVON):
             check_hparam(name, group[name], pre + name)
 
     def _synced_buffers(self):
-        return ("acc_g", "acc_nxg", "acc_nxg_out")
+        return ("acc_g", "acc_nxg", "acc_out")
+
+    def _refresh_buffers(self):
+        return ("acc_g", "acc_out")
 
     # ------------------------------------------------------------------ sampling
+    # The common step (one in- and one out-sample, shared noise) pairs neither sample with its noise
+    # when it is collected: the in-sample's gradient stays in acc_g (as IVON's does) and the
+    # out-sample's goes to acc_out, the buffer its theta_out was formed in; the noise buffer keeps
+    # theta_in's noise (theta_out's is that times sqrt(ess (h + wd)) sigma_out), and the update
+    # forms both products in its loop. Another sample, a sync or a draw before the step pairs them
+    # first (``pc_pair_first``), as the collections of later samples do.
+    def _reset_accumulators(self) -> None:
+        super()._reset_accumulators()
+        #: per group: the last theta_out was formed from the kept in-noise (into acc_out)
+        self._out_formed = [False] * len(self.param_groups)
+        #: per group: acc_g holds the in-sample's gradient and acc_out the out-sample's, unpaired
+        self._out_pending = [False] * len(self.param_groups)
+
+    def _materialize_nxg(self, groups=None) -> None:
+        for gi, pending in enumerate(self._out_pending):
+            if pending and (groups is None or gi in groups):
+                group, flat = self.param_groups[gi], self._flat[gi]
+                self._run(K.pc_pair_first, {n: flat[n] for n in (
+                    "acc_g", "acc_out", "acc_nxg", "hess", "sigma_out")} | {"noise": self._noise(gi)},
+                    [group["ess"], group["weight_decay"], group["alpha"]])
+                self._out_pending[gi] = self._nxg_pending[gi] = False
+        super()._materialize_nxg(groups)
+
+    def _correction_buffers(self, gi: int) -> dict[str, torch.Tensor]:
+        flat = self._flat[gi]
+        return {n: flat[n] for n in ("g_out", "h_out", "m_out", "sigma_out")} | {
+            "acc_g_out" if self._out_pending[gi] else "acc_nxg_out": flat["acc_out"]}
+
     def _draw(self, at: str) -> None:
         if at != "out":
             return super()._draw(at)
-        self._materialize_nxg()  # acc_g is about to receive the outer gradients
         for gi, group in enumerate(self.param_groups):
+            # the step's first out-sample, its in-sample unpaired: theta_out from the kept noise
+            self._out_formed[gi] = lazy = (self.shared_noise and self._nxg_pending[gi]
+                                           and self._count["out"] == 0 and not self.sync)
+            flat = self._flat[gi]
+            if lazy:
+                key = self._draws[gi][1]
+                tensors = {"theta": flat["acc_out"], "m_out": flat["m_out"], "hess": flat["hess"],
+                           "sigma_out": flat["sigma_out"]}
+                sc = [group["ess"], group["weight_decay"]]
+                if self._regenerates(key):   # the noise drawn again in the loop
+                    self._run(K.pc_theta_out, tensors, sc, counter=key)
+                else:
+                    self._run(K.pc_theta_out, tensors | {"noise": self._noise(gi)}, sc)
+                self._write_params("acc_out", [gi])
+                continue
+            self._materialize_nxg([gi])   # acc_g is about to receive the outer gradients
             if self.shared_noise:   # the key of the theta_in draw
                 self._draws[gi] = ("out", self._draws[gi][1])
                 noise = self._noise(gi, fresh=True)
             else:
                 noise = self._draw_noise(gi, group, "out")
             binary_out(torch.add, self._params(gi), self._views[gi]["m_out"], self._split(gi, noise))
-        # the noise now is theta_out - m_out
+        # the noise now is theta_out - m_out (or theta_in - m where theta_out was formed from it)
         self._last_draw = "out"
 
     def _fill_noise(self, gi, group, buf, at, key):
@@ -126,29 +176,42 @@ class IVONPC(IVON):
             buf.mul_(flat["sigma_out"])
 
     def _collect(self, gi, group, at, grads, idx):
+        if at == "mega":   # the mega-batch's noise x grad sum in acc_out, free between steps
+            self._acc(gi, "acc_g", idx, grads)
+            self._acc(gi, "acc_out", idx, self._noise_views(gi, idx), grads)
+            return
         if at != "out":
             return super()._collect(gi, group, at, grads, idx)
         # diagnostics from the first micro-batch of the step, when it is alone in the buffers
         track = (self.track_diagnostics and self._count["in"] == 1 and self._count["out"] == 0
                  and group["step"] > 0 and len(idx) == len(group["params"]))
         flat = self._flat[gi]
+        lazy = self._out_formed[gi] and self._nxg_pending[gi]
+        pairs = {"noise": self._noise(gi)} if lazy and track else {}
         if track:
             sc = [group["weight_decay"], group["ess"],
                   1.0 / (1.0 - group["beta1"] ** group["step"]) if self.debias else 1.0]
-            self._run(K.pc_stats_plain, {n: flat[n] for n in ("acc_g", "acc_nxg", "hess", "momentum",
-                                                              "h_out")}, sc, out=self._diag_raw[:4])
-        self._acc(gi, "acc_g", idx, grads, alpha=-group["alpha"])
-        self._acc(gi, "acc_nxg_out", idx, self._noise_views(gi, idx), grads)
+            names = ("acc_g", "hess", "momentum", "h_out") + (() if lazy else ("acc_nxg",))
+            self._run(K.pc_stats_plain, {n: flat[n] for n in names} | pairs, sc,
+                      out=self._diag_raw[:4])
+        if lazy:
+            self._acc(gi, "acc_out", idx, grads)
+            self._out_pending[gi] = True
+        else:
+            self._acc(gi, "acc_g", idx, grads, alpha=-group["alpha"])
+            self._acc(gi, "acc_out", idx, self._noise_views(gi, idx), grads)
         if track:
-            names = ("acc_g", "acc_nxg", "acc_nxg_out", "hess", "sigma_out", "momentum", "g_out", "h_out")
-            self._run(K.pc_stats_corrected, {n: flat[n] for n in names}, sc + [group["alpha"]],
-                      out=self._diag_raw[4:])
+            names = ("acc_g", "hess", "sigma_out", "momentum", "g_out", "h_out") + (
+                () if lazy else ("acc_nxg",))
+            pairs[("acc_g_out" if lazy else "acc_nxg_out")] = flat["acc_out"]
+            self._run(K.pc_stats_corrected, {n: flat[n] for n in names} | pairs,
+                      sc + [group["alpha"]], out=self._diag_raw[4:])
             self._diag_raw_ready = True
 
     # ------------------------------------------------------------------ outer loop
     def _finish_refresh(self, gi, group, flat, first):
-        names = ["mean", "hess", "acc_g", "acc_nxg", "g_out", "h_out", "m_out", "sigma_out"]
-        tensors = {n: flat[n] for n in names}
+        names = ["mean", "hess", "acc_g", "g_out", "h_out", "m_out", "sigma_out"]
+        tensors = {n: flat[n] for n in names} | {"acc_nxg": flat["acc_out"]}
         if self.low_precision:   # the last mega draw's noise rounds g_out and h_out
             tensors["bits"] = self._noise(gi)
         self._run(K.ivon_refresh, tensors,
