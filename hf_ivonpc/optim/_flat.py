@@ -130,7 +130,8 @@ class FlatBuffers:
         """Per parameter group, its persistent buffers by name as flat tensors (the optimizer's
         own memory, not copies; each rank's shards when the parameters are sharded). With
         ``transient=True`` also the per-step scratch: the noise (``noise``, theta - m of the
-        last draw; after a step, IVON's holds the next step's noise, drawn ahead) and the
+        last draw, or of theta_in where IVONPC pairs its out-sample in the update; after a step,
+        IVON's holds the next step's noise, drawn ahead) and the
         statistics collected since the last step (``acc_*``); these
         are for inspection only, and overwritten by the next draw or step (a ``lazy_buffers``
         entry is there once a step has needed it)."""
