@@ -33,13 +33,9 @@ COMMON = ["--max_steps", "3", "--bf16", "false", "--use_cpu", "true", "--dataloa
 
 
 @pytest.fixture(autouse=True)
-def _eager_kernels(monkeypatch):
-    """The configs' plumbing is under test here, not the optimizers' kernels (compiled and checked
-    against their references in test_ivon*.py and test_svrg.py): the tiny models' embeddings run
-    the eager kernels, sparing the suite a compilation per new combination of flags."""
-    from hf_ivonpc.optim import _kernels
-
-    monkeypatch.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
+def _eager(eager_kernels):
+    """The configs' plumbing is under test here: the tiny models' embeddings run the eager
+    kernels, sparing the suite a compilation per new combination of flags."""
 
 
 @pytest.fixture(scope="module")

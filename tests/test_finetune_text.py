@@ -130,7 +130,7 @@ def _results(out: Path) -> dict:
     return json.loads((out / "all_results.json").read_text())
 
 
-def test_finetune_xsum_offline_default_runs(tmp_path):
+def test_finetune_xsum_offline_default_runs(tmp_path, eager_kernels):
     """The offline default (SmolLM2-135M, IVON-PCM) starts, evaluates before and after training,
     trains and saves the model with its posterior. One step suffices for that: the mega-batch
     refresh, the corrected step and the IVON update of all 135M weights all happen in it; short
@@ -172,7 +172,8 @@ class _Recorder:
         monkeypatch.setattr(module, "PCTrainer", Recording)
 
 
-def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monkeypatch):
+def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monkeypatch,
+                                                                   eager_kernels):
     from safetensors.torch import load_file
 
     rec = _Recorder(monkeypatch, G)

@@ -7,12 +7,9 @@ import torch
 from _scripts import ROOT, load_script
 
 
-def test_dry_run_reports_every_method(tmp_path, monkeypatch):
-    from hf_ivonpc.optim import _kernels
-
+def test_dry_run_reports_every_method(tmp_path, eager_kernels):
     # the script's code path, with the eager kernels: compiled for the CPU they would not be the
-    # GPU's kernels either (those are checked against their references in test_ivon*.py)
-    monkeypatch.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
+    # GPU's kernels either
     summary = load_script("gpu_check").main(["--dry-run", "--out", str(tmp_path / "o"),
                                              "--json", str(tmp_path / "s.json"),
                                              "--methods", "none,ivon,ivon_pcm,ivon_pcm_bf16"])
