@@ -55,6 +55,32 @@ def test_fast_equals_reference(shared_noise, micro, fused, noise, monkeypatch):
     assert any((slow.state[p]["m"] != 0).any() for p in pr)
 
 
+@pytest.mark.parametrize("noise", ["kept", "counter", "regenerated"])
+def test_a_draw_between_the_out_pass_and_the_step_keeps_the_pairs(noise, monkeypatch):
+    """A step's one in- and one out-sample wait unpaired for the update; a draw before it (an
+    evaluation of the posterior predictive, whose noise replaces the kept one) pairs them first,
+    so the step is the reference's."""
+    if noise != "kept":
+        monkeypatch.setattr(_random, "COUNTER_MIN", 0)
+    x, y = make_data()
+    fast, pf, slow, pr = _pair()
+    fast.regenerate_noise = noise == "regenerated"
+    for opt, params in ((fast, pf), (slow, pr)):
+        drive(opt, params, 5, x, y)   # the correction is on from step 3
+        assert opt.correction_active
+        for at in ("in", "out"):
+            with opt.sampled_params(train=True, at=at):
+                loss_fn(params, x[:8], y[:8]).backward()
+        with opt.sampled_params():   # a draw that collects nothing
+            for p in params:
+                p.grad = torch.zeros_like(p)   # (the reference reads one regardless)
+        for p in params:
+            p.grad = None
+        opt.step()
+    _close(pf, pr)
+    _close([fast.state[p]["hess"] for p in pf], [slow.state[p]["h"] for p in pr])
+
+
 @pytest.mark.parametrize("between", ["hparams", "generator_used", "other_generator"])
 def test_noise_drawn_ahead_is_the_draw_it_stands_for(between, monkeypatch):
     """On CPU a step writes the next draw's counter-based noise ahead, in its update's loop.
