@@ -246,15 +246,23 @@ def pc_theta_out(theta, m_out, hess, sigma_out, sc, noise=None, counter=None):
         theta[i].copy_(m_out[i] + _noise_at_out(nz, hess[i], sigma_out[i], sc[0], sc[1], sc))
 
 
+def _paired(x_in, x_out, noise, hess, sigma_out, ess, wd, alpha, sc):
+    """A step's one in- and out-sample gradient (shared noise, ``noise`` theta_in's) as the
+    collections of several samples accumulate them: (noise x_in, noise_out x_out,
+    x_in - alpha x_out)."""
+    x_in, x_out = _read(x_in, sc), _read(x_out, sc)
+    return (noise * x_in, _noise_at_out(noise, hess, sigma_out, ess, wd, sc) * x_out,
+            x_in - alpha * x_out)
+
+
 def pc_pair_first(acc_g, acc_out, acc_nxg, noise, hess, sigma_out, sc):
     """The step's first in- and out-sample, left unpaired by their collections (acc_g holds x_in,
-    acc_out x_out, ``noise`` theta_in's noise), paired now that another sample follows:
-    acc_nxg <- noise x_in, acc_out <- noise_out x_out, acc_g <- x_in - alpha x_out, as the
-    collections of later samples accumulate them. sc = [ess, wd, alpha]."""
-    x_in, x_out = _read(acc_g, sc), _read(acc_out, sc)   # (eagerly, the buffers themselves:
-    acc_nxg.copy_(noise * x_in)                            # each is overwritten after its last use)
-    acc_g.copy_(x_in - sc[2] * x_out)
-    acc_out.copy_(_noise_at_out(noise, hess, sigma_out, sc[0], sc[1], sc) * x_out)
+    acc_out x_out), paired now that another sample follows: acc_nxg <- noise x_in,
+    acc_out <- noise_out x_out, acc_g <- x_in - alpha x_out. sc = [ess, wd, alpha]."""
+    nxg, nxg_out, g = _paired(acc_g, acc_out, noise, hess, sigma_out, sc[0], sc[1], sc[2], sc)
+    acc_nxg.copy_(nxg)
+    acc_g.copy_(g)
+    acc_out.copy_(nxg_out)
 
 
 def ivon_refresh(mean, hess, acc_g, acc_nxg, g_out, h_out, m_out, sigma_out, sc, first: bool,
@@ -290,12 +298,12 @@ def ivon_update(mean, momentum, hess, acc_g, sc, acc_nxg=None, noise=None, g_out
     debias, lr, r, a, aw = sc[8], sc[9], sc[10], sc[11], sc[12]
     h = _read(hess, sc)
     hpd = h + wd                                       # with the old h: the noise's
-    acc_g = _read(acc_g, sc)
-    acc_nxg = noise * acc_g if noise is not None else _read(acc_nxg, sc)
     if acc_g_out is not None:                          # k = 1: ess_k is ess
-        x_out = _read(acc_g_out, sc)
-        acc_nxg_out = _noise_at_out(noise, hess, sigma_out, ess_k, wd, sc) * x_out
-        acc_g = acc_g - a * x_out
+        acc_nxg, acc_nxg_out, acc_g = _paired(acc_g, acc_g_out, noise, hess, sigma_out, ess_k,
+                                              wd, a, sc)
+    else:
+        acc_g = _read(acc_g, sc)
+        acc_nxg = noise * acc_g if noise is not None else _read(acc_nxg, sc)
     g_hat = acc_g * inv_k                              # line 8
     h_hat = acc_nxg * hpd * ess_k if price else acc_nxg * ess_k
     extra = None
@@ -381,10 +389,8 @@ def pc_stats_corrected(acc_g, hess, sigma_out, momentum, g_out, h_out, sc, out, 
     two samples are not paired yet (see ``pc_pair_first``): they are paired here as there."""
     hess, momentum, g_out, h_out = _read(hess, sc), _read(momentum, sc), _read(g_out, sc), _read(h_out, sc)
     if acc_g_out is not None:
-        x_in, x_out = _read(acc_g, sc), _read(acc_g_out, sc)
-        acc_nxg = noise * x_in
-        acc_nxg_out = _noise_at_out(noise, hess, sigma_out, sc[1], sc[0], sc) * x_out
-        acc_g = x_in - sc[3] * x_out
+        acc_nxg, acc_nxg_out, acc_g = _paired(acc_g, acc_g_out, noise, hess, sigma_out, sc[1],
+                                              sc[0], sc[3], sc)
     else:
         acc_g, acc_nxg, acc_nxg_out = _read(acc_g, sc), _read(acc_nxg, sc), _read(acc_nxg_out, sc)
     sigma_out = _read(sigma_out, sc)
