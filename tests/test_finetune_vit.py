@@ -24,10 +24,14 @@ TINY = ["--tiny_clip_steps", "3", "--max_train_samples", "48", "--max_eval_sampl
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The script once, on tiny sizes, with a cache of its own (the tiny CLIP is built in it)."""
+    """The script once, on tiny sizes, with a cache of its own (the tiny CLIP is built in it),
+    with the eager kernels (see conftest's ``eager_kernels``)."""
+    from hf_ivonpc.optim import _kernels
+
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("vit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_IVONPC_CACHE", str(cache))
+        mp.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
         metrics = vit.main(TINY + ["--output_dir", str(out)])
     (clip_dir,) = cache.glob("tiny-clip-*")
     return metrics, out, clip_dir
@@ -81,7 +85,7 @@ def classifier(run):
     return model, train, evals, names
 
 
-def test_only_the_vision_side_gets_a_posterior(classifier, tmp_path):
+def test_only_the_vision_side_gets_a_posterior(classifier, tmp_path, eager_kernels):
     model, train, _, _ = classifier
     args = PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon_pcm", max_steps=1,
                                per_device_train_batch_size=8, pc_megabatch_factor=2,
@@ -95,7 +99,7 @@ def test_only_the_vision_side_gets_a_posterior(classifier, tmp_path):
     assert not model.text_projection.weight.requires_grad and not model.logit_scale.requires_grad
 
 
-def test_classifier_evaluation_at_the_mean_and_predictive(classifier, tmp_path):
+def test_classifier_evaluation_at_the_mean_and_predictive(classifier, tmp_path, eager_kernels):
     model, train, evals, names = classifier
     assert model(pixel_values=evals[0]["pixel_values"][None]).logits.shape == (1, len(names))
     args = PCTrainingArguments(output_dir=str(tmp_path), pc_method="ivon", max_steps=2,
