@@ -4,12 +4,16 @@ a handful of steps."""
 import json
 import math
 
+import pytest
 import torch
 
 from transformers import AutoModelForCausalLM
 
 from hf_ivonpc.data import prepare
 from hf_ivonpc.tasks import continual, pretrain
+
+# the scripts' plumbing is under test: the eager kernels (see conftest's ``eager_kernels``)
+pytestmark = pytest.mark.usefixtures("eager_kernels")
 
 MODEL = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32"]
 TINY = MODEL + ["--block_size", "32", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
