@@ -106,35 +106,34 @@ class IVONPC(IVON):
     # theta_in's noise (theta_out's is that times sqrt(ess (h + wd)) sigma_out), and the update
     # forms both products in its loop. Another sample, a sync or a draw before the step pairs them
     # first (``pc_pair_first``), as the collections of later samples do.
-    def _reset_accumulators(self) -> None:
-        super()._reset_accumulators()
-        #: per group: the last theta_out was formed from the kept in-noise (into acc_out)
-        self._out_formed = [False] * len(self.param_groups)
-        #: per group: acc_g holds the in-sample's gradient and acc_out the out-sample's, unpaired
-        self._out_pending = [False] * len(self.param_groups)
+    def _unpaired(self, gi: int) -> bool:
+        """Whether group gi's in-sample waits unpaired (IVON's lazy collection) and its
+        out-sample may wait too (shared noise, no sync): before the out collection, the out draw
+        forms theta_out in acc_out; after it (``_count["out"]`` is 1), acc_out holds the
+        out-sample's gradient, unpaired."""
+        return self.shared_noise and not self.sync and self._nxg_pending[gi]
 
     def _materialize_nxg(self, groups=None) -> None:
-        for gi, pending in enumerate(self._out_pending):
-            if pending and (groups is None or gi in groups):
+        for gi in range(len(self.param_groups)):
+            if self._unpaired(gi) and self._count["out"] and (groups is None or gi in groups):
                 group, flat = self.param_groups[gi], self._flat[gi]
                 self._run(K.pc_pair_first, {n: flat[n] for n in (
                     "acc_g", "acc_out", "acc_nxg", "hess", "sigma_out")} | {"noise": self._noise(gi)},
                     [group["ess"], group["weight_decay"], group["alpha"]])
-                self._out_pending[gi] = self._nxg_pending[gi] = False
+                self._nxg_pending[gi] = False
         super()._materialize_nxg(groups)
 
     def _correction_buffers(self, gi: int) -> dict[str, torch.Tensor]:
         flat = self._flat[gi]
         return {n: flat[n] for n in ("g_out", "h_out", "m_out", "sigma_out")} | {
-            "acc_g_out" if self._out_pending[gi] else "acc_nxg_out": flat["acc_out"]}
+            "acc_g_out" if self._unpaired(gi) else "acc_nxg_out": flat["acc_out"]}
 
     def _draw(self, at: str) -> None:
         if at != "out":
             return super()._draw(at)
         for gi, group in enumerate(self.param_groups):
             # the step's first out-sample, its in-sample unpaired: theta_out from the kept noise
-            self._out_formed[gi] = lazy = (self.shared_noise and self._nxg_pending[gi]
-                                           and self._count["out"] == 0 and not self.sync)
+            lazy = self._unpaired(gi) and self._count["out"] == 0
             flat = self._flat[gi]
             if lazy:
                 key = self._draws[gi][1]
@@ -186,7 +185,7 @@ class IVONPC(IVON):
         track = (self.track_diagnostics and self._count["in"] == 1 and self._count["out"] == 0
                  and group["step"] > 0 and len(idx) == len(group["params"]))
         flat = self._flat[gi]
-        lazy = self._out_formed[gi] and self._nxg_pending[gi]
+        lazy = self._unpaired(gi) and self._count["out"] == 0   # as its draw was
         pairs = {"noise": self._noise(gi)} if lazy and track else {}
         if track:
             sc = [group["weight_decay"], group["ess"],
@@ -196,7 +195,6 @@ class IVONPC(IVON):
                       out=self._diag_raw[:4])
         if lazy:
             self._acc(gi, "acc_out", idx, grads)
-            self._out_pending[gi] = True
         else:
             self._acc(gi, "acc_g", idx, grads, alpha=-group["alpha"])
             self._acc(gi, "acc_out", idx, self._noise_views(gi, idx), grads)
