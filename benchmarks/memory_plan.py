@@ -42,17 +42,23 @@ def state_bytes_per_param() -> dict[str, float]:
     """Optimizer state per trained parameter, from the buffers each method keeps while training
     (fp32, or bf16 momentum and h with ``state_dtype="bfloat16"``), as on a GPU: a parameter
     group of millions of elements regenerates its noise there (``regenerate_noise=None``), so
-    the IVON variants are measured with ``regenerate_noise=True`` on a group of 2^20 elements."""
-    from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG
-    p = torch.nn.Parameter(torch.zeros(1 << 20))
+    the IVON variants are measured with ``regenerate_noise=True`` on a group made to draw its
+    noise by the counter (the bytes per parameter do not depend on the group's size)."""
+    from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG, _random
+    p = torch.nn.Parameter(torch.zeros(1 << 12))
     out = {"adamw": 8.0}   # torch AdamW: exp_avg, exp_avg_sq
     ivon = dict(lr=0.1, ess=1e6, regenerate_noise=True, fused=False)   # buffers, not speed
-    for name, make in (("ivon", lambda: IVON([p], **ivon)),
-                       ("ivon_pcm", lambda: IVONPC([p], **ivon)),
-                       ("alpha_svrg", lambda: AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw")),
-                       ("ivon_bf16", lambda: IVON([p], **ivon, state_dtype="bfloat16")),
-                       ("ivon_pcm_bf16", lambda: IVONPC([p], **ivon, state_dtype="bfloat16"))):
-        out[name] = _in_use(make(), p).state_nbytes() / p.numel()
+    counter_min, _random.COUNTER_MIN = _random.COUNTER_MIN, 0
+    try:
+        for name, make in (("ivon", lambda: IVON([p], **ivon)),
+                           ("ivon_pcm", lambda: IVONPC([p], **ivon)),
+                           ("alpha_svrg", lambda: AlphaSVRG([p], lr=1e-3, alpha=0.5, base="adamw",
+                                                            fused=False)),
+                           ("ivon_bf16", lambda: IVON([p], **ivon, state_dtype="bfloat16")),
+                           ("ivon_pcm_bf16", lambda: IVONPC([p], **ivon, state_dtype="bfloat16"))):
+            out[name] = _in_use(make(), p).state_nbytes() / p.numel()
+    finally:
+        _random.COUNTER_MIN = counter_min
     return out
 
 

@@ -26,6 +26,7 @@ def eager_kernels(monkeypatch):
     """The optimizers' eager kernels, never compiled: for tests of a script's or a config's
     plumbing, whose kernels are compiled and checked against their references in test_ivon*.py
     and test_svrg.py. Each compiled specialization costs a fresh machine about 2.5 s."""
-    from hf_ivonpc.optim import _kernels
+    from hf_ivonpc.optim import _kernels, _random
 
     monkeypatch.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
+    monkeypatch.setattr(_random, "COUNTER_MIN", 1 << 62)
