@@ -74,17 +74,28 @@ GOALS = {"ivon/adamw_fused": 6.0, "ivon_pcm/adamw_fused": 12.0, "ivon/ivon_opt":
 
 def traffic(variant: str) -> list[tuple[str, float]] | None:
     """The passes over memory of one step, (what, bytes per parameter read + written), for fp32
-    parameters and gradients and one in-sample per step (None where not modelled). ``s`` is a
-    state buffer's size: 4 bytes, 2 for momentum, h, g_out and h_out with bf16 state.
+    parameters and gradients and one in-sample per step (None where not modelled). ``s`` is the
+    size of a ``low_precision_buffers`` entry (momentum, h, the step's sums, IVON-PCM's g_out,
+    h_out and sigma_out): 4 bytes, 2 with bf16 state. With bf16 state IVON-PCM's regenerated
+    theta_out goes through a temporary instead of acc_out (the same bytes).
 
     A kept noise buffer is drawn into by the previous step's update (the next step's noise, drawn
-    ahead in its loop): no draw pass, and the update writes the noise too."""
-    if variant.startswith(("ivon", "ivon_pcm")) and not variant.endswith("_regen") \
-            and variant != "ivon_opt":
-        drawn = _traffic_drawn_at_sampling(variant)
-        return None if drawn is None else [(w.replace(", w mean m h", ", w mean m h noise"), b + 4) if w.startswith("update")
-                else (w, b) for w, b in drawn if not w.startswith("draw noise")]
-    return _traffic_drawn_at_sampling(variant)
+    ahead in its loop): no draw pass, and the update writes the noise too. IVON-PCM's theta_out
+    from kept noise is written into the parameters by its kernel, tensor by tensor (no copy)."""
+    if not variant.startswith(("ivon", "ivon_pcm")) or variant.endswith("_regen") \
+            or variant == "ivon_opt":
+        return _traffic_drawn_at_sampling(variant)
+    drawn = _traffic_drawn_at_sampling(variant)
+    if drawn is None:
+        return None
+    out = []
+    for what, b in drawn:
+        if what.startswith(("draw noise", "params <- theta_out")):
+            continue
+        if what.startswith("update"):
+            what, b = what.replace(", w mean m h", ", w mean m h noise"), b + 4
+        out.append((what.replace("w acc_out", "w param") if what.startswith("theta_out") else what, b))
+    return out
 
 
 def _traffic_drawn_at_sampling(variant: str) -> list[tuple[str, float]] | None:
@@ -103,23 +114,23 @@ def _traffic_drawn_at_sampling(variant: str) -> list[tuple[str, float]] | None:
     if variant in ("ivon", "ivon_bf16"):
         return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
-                ("collect: r grad, w acc_g", 8),
+                ("collect: r grad, w acc_g", 4 + s),
                 ("params <- mean, leaving sampled_params: r mean, w param", 8),
-                ("update: r mean m h acc_g noise, w mean m h", 4 + 2 * s + 8 + 4 + 2 * s),
+                ("update: r mean m h acc_g noise, w mean m h", 4 + 3 * s + 4 + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant in ("ivon_pcm", "ivon_pcm_bf16"):
         # one in- and one out-sample with shared noise: both are paired with the noise in the
         # update (whose noise read also gives the bf16 rounding bits)
         return [("draw noise: r h, w noise", s + 4),
                 ("params += noise: r param noise, w param", 12),
-                ("collect in: r grad, w acc_g", 8),
+                ("collect in: r grad, w acc_g", 4 + s),
                 ("params <- mean, leaving sampled_params: r mean, w param", 8),
-                ("theta_out: r m_out h sigma_out noise, w acc_out", 16 + s),
+                ("theta_out: r m_out h sigma_out noise, w acc_out", 4 + 2 * s + 4 + 4),
                 ("params <- theta_out: r acc_out, w param", 8),
-                ("collect out: r grad, w acc_out", 8),
+                ("collect out: r grad, w acc_out", 4 + s),
                 ("params <- mean, leaving sampled_params: r mean, w param", 8),
                 ("update: r mean m h acc_g acc_out g_out h_out m_out sigma_out noise, w mean m h",
-                 4 * 6 + 4 * s + 4 + 2 * s),
+                 4 + 6 * s + 4 + s + 4 + 4 + 2 * s),
                 ("params <- mean: r mean, w param", 8)]
     if variant == "copy":
         return [("copy: r src, w dst", 8)]

@@ -22,14 +22,14 @@ def test_dry_run_reports_every_method(tmp_path, eager_kernels):
     if not torch.cuda.is_available():
         assert summary["device"] == "cpu (dry run)" and "two_pass_memory" not in summary["checks"]
         # on CPU the noise is kept (a GPU run reports 16 / 36 / 24: drawn again instead)
-        assert [r["state_bytes_per_param"] for r in summary["methods"]] == [None, 20, 40, 28]
+        assert [r["state_bytes_per_param"] for r in summary["methods"]] == [None, 20, 40, 26]
 
 
 def test_memory_plan_is_the_runbook_table():
     """Every figure of the runbook's memory table (docs/RUNBOOK.md) comes from benchmarks/memory_plan.py."""
     result = load_script("memory_plan", ROOT / "benchmarks").plan()
     assert result["state_bytes_per_param"] == {"adamw": 8, "ivon": 16, "ivon_pcm": 36, "alpha_svrg": 28,
-                                               "ivon_bf16": 10, "ivon_pcm_bf16": 24}
+                                               "ivon_bf16": 10, "ivon_pcm_bf16": 22}
     runbook = (ROOT / "docs" / "RUNBOOK.md").read_text()
     for name, r in result["runs"].items():
         row = next(line for line in runbook.splitlines() if line.startswith(f"| {name} |"))

@@ -138,8 +138,8 @@ HPARAMS: tuple[HParam, ...] = (
     HParam("state_dtype", "pc_state_dtype", "float32", STATE_DTYPE,
            "Storage of the optimizer state: 'bfloat16' keeps momentum, h, the per-step gradient "
            "statistics and IVON-PCM's outer statistics in bf16, computed in fp32 and written "
-           "with stochastic rounding (IVON 20 -> 14 bytes per parameter, IVON-PCM 40 -> 28; "
-           "16 -> 10 and 36 -> 24 on GPUs, where the noise is drawn again instead of kept); "
+           "with stochastic rounding (IVON 20 -> 14 bytes per parameter, IVON-PCM 40 -> 26; "
+           "16 -> 10 and 36 -> 22 on GPUs, where the noise is drawn again instead of kept); "
            "the mean and the noise stay fp32.", methods=_IVON),
     HParam(None, "pc_start_ratio", 0.0, FRACTION,
            "Share of the run's optimizer steps without correction first, used when "

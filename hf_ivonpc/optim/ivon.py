@@ -58,7 +58,7 @@ class IVON(FlatStateOptimizer):
             momentum, h and the per-step gradient statistics (and IVONPC's g_out, h_out and
             sigma_out) in bf16, computed in fp32; momentum, h and the outer statistics are written
             with stochastic rounding. The mean and the noise stay fp32. IVON keeps 14 instead of
-            20 bytes per parameter, IVONPC 28 instead of 40 (10 and 24 with ``regenerate_noise``).
+            20 bytes per parameter, IVONPC 26 instead of 40 (10 and 22 with ``regenerate_noise``).
         regenerate_noise: for groups of at least ``_random.COUNTER_MIN`` (2^20) elements, whose
             noise comes from the counter-based generator: draw the noise again from its key
             wherever a step needs it (the collection, the update) instead of keeping it in a

@@ -53,12 +53,12 @@ class IVONPC(IVON):
 
     persistent_buffers = IVON.persistent_buffers + ("g_out", "h_out", "m_out", "sigma_out")
     # acc_out: the out-samples' noise x grad sum (acc_nxg_out in the kernels); in the common step
-    # (see "sampling" below) first theta_out, then the out-sample's gradient (acc_g_out), unpaired;
-    # in a refresh, the mega-batch's noise x grad sum
+    # (see "sampling" below) first theta_out (fp32 state; with bf16 state theta_out is formed in a
+    # temporary), then the out-sample's gradient (acc_g_out), unpaired; in a refresh, the
+    # mega-batch's noise x grad sum
     transient_buffers = IVON.transient_buffers + ("acc_out",)
     lazy_buffers = IVON.lazy_buffers + ("acc_out",)   # from the correction's start
-    # (acc_out holds theta_out, so it has the mean's precision)
-    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out", "sigma_out")
+    low_precision_buffers = IVON.low_precision_buffers + ("g_out", "h_out", "sigma_out", "acc_out")
     corrects = True
 
     # the project's defaults (hparams), the same as PCTrainingArguments'
@@ -102,10 +102,10 @@ class IVONPC(IVON):
     # ------------------------------------------------------------------ sampling
     # The common step (one in- and one out-sample, shared noise) pairs neither sample with its noise
     # when it is collected: the in-sample's gradient stays in acc_g (as IVON's does) and the
-    # out-sample's goes to acc_out, the buffer its theta_out was formed in; the noise buffer keeps
-    # theta_in's noise (theta_out's is that times sqrt(ess (h + wd)) sigma_out), and the update
-    # forms both products in its loop. Another sample, a sync or a draw before the step pairs them
-    # first (``pc_pair_first``), as the collections of later samples do.
+    # out-sample's goes to acc_out (where its theta_out was formed, with fp32 state); the noise
+    # buffer keeps theta_in's noise (theta_out's is that times sqrt(ess (h + wd)) sigma_out), and
+    # the update forms both products in its loop. Another sample, a sync or a draw before the step
+    # pairs them first (``pc_pair_first``), as the collections of later samples do.
     def _unpaired(self, gi: int) -> bool:
         """Whether group gi's in-sample waits unpaired (IVON's lazy collection) and its
         out-sample may wait too (shared noise, no sync): before the out collection, the out draw
@@ -132,19 +132,11 @@ class IVONPC(IVON):
         if at != "out":
             return super()._draw(at)
         for gi, group in enumerate(self.param_groups):
-            # the step's first out-sample, its in-sample unpaired: theta_out from the kept noise
+            # the step's first out-sample, its in-sample unpaired: theta_out from theta_in's normals
             lazy = self._unpaired(gi) and self._count["out"] == 0
             flat = self._flat[gi]
             if lazy:
-                key = self._draws[gi][1]
-                tensors = {"theta": flat["acc_out"], "m_out": flat["m_out"], "hess": flat["hess"],
-                           "sigma_out": flat["sigma_out"]}
-                sc = [group["ess"], group["weight_decay"]]
-                if self._regenerates(key):   # the noise drawn again in the loop
-                    self._run(K.pc_theta_out, tensors, sc, counter=key)
-                else:
-                    self._run(K.pc_theta_out, tensors | {"noise": self._noise(gi)}, sc)
-                self._write_params("acc_out", [gi])
+                self._write_theta_out(gi, group, flat)
                 continue
             self._materialize_nxg([gi])   # acc_g is about to receive the outer gradients
             if self.shared_noise:   # the key of the theta_in draw
@@ -155,6 +147,33 @@ class IVONPC(IVON):
             binary_out(torch.add, self._params(gi), self._views[gi]["m_out"], self._split(gi, noise))
         # the noise now is theta_out - m_out (or theta_in - m where theta_out was formed from it)
         self._last_draw = "out"
+
+    def _write_theta_out(self, gi: int, group: dict, flat) -> None:
+        """parameters <- theta_out = m_out + eps sigma_out with theta_in's standard normals eps,
+        which the noise buffer keeps (each parameter written by the kernel itself) or its key
+        draws again (into acc_out, which receives the out-sample's gradient next, then copied;
+        into a temporary where acc_out is bf16 and cannot hold theta_out)."""
+        sc = [group["ess"], group["weight_decay"]]
+        names = ("m_out", "hess", "sigma_out")
+        key = self._draws[gi][1]
+        if self._regenerates(key):   # the noise drawn again in the loop, over the whole buffer
+            theta = flat["acc_out"]
+            if theta.dtype != flat["mean"].dtype:
+                theta = torch.empty_like(flat["mean"])
+            self._run(K.pc_theta_out, {"theta": theta} | {n: flat[n] for n in names}, sc,
+                      counter=key)
+            torch._foreach_copy_(self._params(gi), self._split(gi, theta))
+            return
+        noise, offset = self._noise(gi), 0
+        for p in self._params(gi):
+            sl = slice(offset, offset + p.numel())
+            offset = sl.stop
+            theta = p.view(-1) if p.is_contiguous() else torch.empty(p.numel(), dtype=p.dtype,
+                                                                      device=p.device)
+            self._run(K.pc_theta_out, {"theta": theta, "noise": noise[sl]} |
+                      {n: flat[n][sl] for n in names}, sc)
+            if theta.data_ptr() != p.data_ptr():
+                p.copy_(theta.view_as(p))
 
     def _fill_noise(self, gi, group, buf, at, key):
         """theta_out's noise: eps sigma_out, with theta_in's eps when shared."""
