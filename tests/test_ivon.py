@@ -218,6 +218,24 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         drive(c, c_params, 1, x, y)
 
 
+def test_a_kernel_first_compiled_for_a_small_buffer_is_a_parallel_loop():
+    """Compiled dynamic, a kernel serves every later size; inductor would make the loop of one
+    first compiled for a few elements serial (and cache it so for later processes)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hf_ivonpc.optim import _kernels
+
+    def axpy(out, x, sc):   # a kernel of its own: compiled afresh here, whatever ran before
+        out.copy_(out + sc[0] * x)
+    out, x = torch.zeros(60), torch.ones(60)
+    with torch._inductor.config.patch(fx_graph_cache=False):   # generated here, not loaded
+        _, code = run_and_get_code(_kernels.run_kernel, axpy, {"out": out, "x": x},
+                                   torch.tensor([2.0]), fused=True, chunk=60,
+                                   ranges=[slice(0, 60)])
+    assert torch.equal(out, torch.full((60,), 2.0))
+    assert any("#pragma omp parallel" in c for c in code), code
+
+
 def test_max_grad_norm_clips_each_collected_gradient():
     x, y = make_data()
     runs = {}
