@@ -172,6 +172,24 @@ def test_regenerated_noise_is_the_kept_noise_bit_for_bit(cls, state_dtype, micro
             assert torch.equal(fa[name], fb[name]), name
 
 
+def test_a_non_contiguous_parameter_takes_theta_out_as_its_contiguous_twin():
+    """theta_out from kept noise is written by the kernel into each parameter, through a
+    temporary where the parameter is not contiguous."""
+    x, y = make_data(dtype=torch.float32)
+    runs = []
+    for contiguous in (True, False):
+        params = make_params(dtype=torch.float32)
+        if not contiguous:   # the same values, laid out transposed
+            params[0] = torch.nn.Parameter(params[0].detach().t().contiguous().t())
+            assert not params[0].is_contiguous()
+        opt = IVONPC(params, **HP, **PC, seed=4)
+        drive(opt, params, 8, x, y)
+        assert opt.refreshes > 0
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_regenerate_noise_default_and_check():
     params = make_params(dtype=torch.float32)
     opt = IVONPC(params, **HP)

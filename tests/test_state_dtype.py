@@ -113,8 +113,9 @@ def test_bf16_state_resumes_bit_exact(fused, counter, regenerate, monkeypatch):
 
 @pytest.mark.parametrize("regenerate", [False, True])
 def test_bf16_theta_out_is_the_snapshot_moved_by_the_shared_normals(regenerate, monkeypatch):
-    """With bf16 state acc_out (which receives the out-sample's gradient) cannot hold theta_out
-    exactly: theta_out = m_out + eps sigma_out is formed in a temporary, with theta_in's eps."""
+    """With bf16 state acc_out (which receives the out-sample's gradient) is bf16: theta_out =
+    m_out + eps sigma_out, with theta_in's eps, is written into the parameters tensor by tensor
+    from the kept noise, or formed in a temporary from the noise drawn again."""
     if regenerate:
         monkeypatch.setattr(_random, "COUNTER_MIN", 0)
     x, y = make_data(dtype=torch.float32)

@@ -53,8 +53,8 @@ class IVONPC(IVON):
 
     persistent_buffers = IVON.persistent_buffers + ("g_out", "h_out", "m_out", "sigma_out")
     # acc_out: the out-samples' noise x grad sum (acc_nxg_out in the kernels); in the common step
-    # (see "sampling" below) first theta_out (fp32 state; with bf16 state theta_out is formed in a
-    # temporary), then the out-sample's gradient (acc_g_out), unpaired; in a refresh, the
+    # (see "sampling" below) the out-sample's gradient (acc_g_out), unpaired, and before it
+    # theta_out where that is drawn again in fp32 state (``_write_theta_out``); in a refresh, the
     # mega-batch's noise x grad sum
     transient_buffers = IVON.transient_buffers + ("acc_out",)
     lazy_buffers = IVON.lazy_buffers + ("acc_out",)   # from the correction's start
@@ -102,14 +102,14 @@ class IVONPC(IVON):
     # ------------------------------------------------------------------ sampling
     # The common step (one in- and one out-sample, shared noise) pairs neither sample with its noise
     # when it is collected: the in-sample's gradient stays in acc_g (as IVON's does) and the
-    # out-sample's goes to acc_out (where its theta_out was formed, with fp32 state); the noise
+    # out-sample's goes to acc_out (``_write_theta_out`` says where theta_out is formed); the noise
     # buffer keeps theta_in's noise (theta_out's is that times sqrt(ess (h + wd)) sigma_out), and
     # the update forms both products in its loop. Another sample, a sync or a draw before the step
     # pairs them first (``pc_pair_first``), as the collections of later samples do.
     def _unpaired(self, gi: int) -> bool:
         """Whether group gi's in-sample waits unpaired (IVON's lazy collection) and its
         out-sample may wait too (shared noise, no sync): before the out collection, the out draw
-        forms theta_out in acc_out; after it (``_count["out"]`` is 1), acc_out holds the
+        forms theta_out from theta_in's normals (``_write_theta_out``); after it (``_count["out"]`` is 1), acc_out holds the
         out-sample's gradient, unpaired."""
         return self.shared_noise and not self.sync and self._nxg_pending[gi]
 
