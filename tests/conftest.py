@@ -21,8 +21,7 @@ def _frozen_heap():
     yield
 
 
-@pytest.fixture
-def eager_kernels(monkeypatch):
+def use_eager_kernels(mp: pytest.MonkeyPatch) -> None:
     """The optimizers' eager kernels, never compiled, drawing their noise with ``normal_``: for
     tests of a script's or a config's plumbing, whose kernels are compiled and checked against
     their references in test_ivon*.py and test_svrg.py (the counter-based draws too). Each
@@ -30,5 +29,11 @@ def eager_kernels(monkeypatch):
     noise of a 135M-parameter model about 2.5 s on 2 cores, against 0.7 s with ``normal_``."""
     from hf_ivonpc.optim import _kernels, _random
 
-    monkeypatch.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
-    monkeypatch.setattr(_random, "COUNTER_MIN", 1 << 62)
+    mp.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
+    mp.setattr(_random, "COUNTER_MIN", 1 << 62)
+
+
+@pytest.fixture
+def eager_kernels(monkeypatch):
+    """``use_eager_kernels`` for one test."""
+    use_eager_kernels(monkeypatch)

@@ -14,6 +14,8 @@ from hf_ivonpc.metrics import classification_metrics
 from hf_ivonpc.data import images
 from hf_ivonpc.tasks import vit
 
+from conftest import use_eager_kernels
+
 
 TINY = ["--tiny_clip_steps", "3", "--max_train_samples", "48", "--max_eval_samples", "24",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "12",
@@ -25,13 +27,11 @@ TINY = ["--tiny_clip_steps", "3", "--max_train_samples", "48", "--max_eval_sampl
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The script once, on tiny sizes, with a cache of its own (the tiny CLIP is built in it),
-    with the eager kernels (see conftest's ``eager_kernels``)."""
-    from hf_ivonpc.optim import _kernels
-
+    with the eager kernels (see conftest's ``use_eager_kernels``)."""
     cache, out = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("vit")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_IVONPC_CACHE", str(cache))
-        mp.setattr(_kernels, "FUSE_MIN_NUMEL", 1 << 62)
+        use_eager_kernels(mp)
         metrics = vit.main(TINY + ["--output_dir", str(out)])
     (clip_dir,) = cache.glob("tiny-clip-*")
     return metrics, out, clip_dir

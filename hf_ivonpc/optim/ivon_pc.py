@@ -109,8 +109,8 @@ class IVONPC(IVON):
     def _unpaired(self, gi: int) -> bool:
         """Whether group gi's in-sample waits unpaired (IVON's lazy collection) and its
         out-sample may wait too (shared noise, no sync): before the out collection, the out draw
-        forms theta_out from theta_in's normals (``_write_theta_out``); after it (``_count["out"]`` is 1), acc_out holds the
-        out-sample's gradient, unpaired."""
+        forms theta_out from theta_in's normals (``_write_theta_out``); after it
+        (``_count["out"]`` is 1), acc_out holds the out-sample's gradient, unpaired."""
         return self.shared_noise and not self.sync and self._nxg_pending[gi]
 
     def _materialize_nxg(self, groups=None) -> None:
@@ -164,16 +164,13 @@ class IVONPC(IVON):
                       counter=key)
             torch._foreach_copy_(self._params(gi), self._split(gi, theta))
             return
-        noise, offset = self._noise(gi), 0
-        for p in self._params(gi):
-            sl = slice(offset, offset + p.numel())
-            offset = sl.stop
-            theta = p.view(-1) if p.is_contiguous() else torch.empty(p.numel(), dtype=p.dtype,
-                                                                      device=p.device)
-            self._run(K.pc_theta_out, {"theta": theta, "noise": noise[sl]} |
-                      {n: flat[n][sl] for n in names}, sc)
-            if theta.data_ptr() != p.data_ptr():
-                p.copy_(theta.view_as(p))
+        views = {n: self._views[gi][n] for n in names} | {"noise": self._split(gi, self._noise(gi))}
+        for i, p in enumerate(self._params(gi)):
+            theta = p if p.is_contiguous() else p.contiguous()   # then written back below
+            self._run(K.pc_theta_out, {"theta": theta.view(-1)} |
+                      {n: v[i].view(-1) for n, v in views.items()}, sc)
+            if theta is not p:
+                p.copy_(theta)
 
     def _fill_noise(self, gi, group, buf, at, key):
         """theta_out's noise: eps sigma_out, with theta_in's eps when shared."""
