@@ -35,14 +35,33 @@ RECOMPILE_LIMIT = 64
 #: dynamic for a small buffer (a test, a small parameter group with ``fused=True``) stays
 #: serial for every later size, in the process and, through inductor's cache, in every later
 #: process of the machine: an IVON-PCM update of 26M parameters took 116 ms instead of 62 ms on
-#: 2 cores after a first compilation for 60 elements.
+#: 2 cores after a first compilation for 60 elements. ``cpp.simdlen`` (set at the first
+#: compilation, see ``compile_options``) puts the vector width into the key of inductor's cache.
 COMPILE_OPTIONS = {"cpp.dynamic_threads": True}
+
+
+def compile_options() -> dict:
+    """``COMPILE_OPTIONS`` with ``cpp.simdlen`` pinned to the vector width inductor picks for this
+    process (from the CPU and ``ATEN_CPU_CAPABILITY``; 0: scalar code).
+
+    Left unset, the width is chosen at code generation but is not part of the key of inductor's
+    on-disk cache: a process whose vector width differs from the one that filled the cache (another
+    ``ATEN_CPU_CAPABILITY``, or a cache shared by machines with other CPUs) loads kernels generated
+    for the other width; seen here as NaN in an IVON-PCM update and as a segmentation fault. Pinned,
+    each width has its own entries, and the choice among the ISAs of that width is inductor's own
+    (``pick_vec_isa`` takes the first valid one of that width, as it does from the capability)."""
+    try:
+        from torch._inductor import cpu_vec_isa   # imported on first compilation only
+        width = cpu_vec_isa.pick_vec_isa().bit_width()
+    except Exception:   # no C++ toolchain (a GPU-only setup): nothing to pin
+        return dict(COMPILE_OPTIONS)
+    return {**COMPILE_OPTIONS, "cpp.simdlen": width}
 
 
 def _compiled_version(fn: Callable) -> Callable:
     with _lock:
         if fn not in _compiled:
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, options=compile_options())
 
             def call(*args, _compiled=compiled, **kwargs):
                 with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
