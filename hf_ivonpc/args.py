@@ -69,6 +69,7 @@ class PCTrainingArguments(TrainingArguments):
     pc_shared_noise: bool = _hp("pc_shared_noise")
     pc_state_dtype: str = _hp("pc_state_dtype")
     pc_log_diagnostics: bool = _hp("pc_log_diagnostics")
+    pc_max_skipped_steps: int = _hp("pc_max_skipped_steps")
     eval_mc_samples: int = _hp("eval_mc_samples")
 
     def __getstate__(self) -> dict:

@@ -91,7 +91,8 @@ def test_trainer_ranks_agree_and_resume_exactly(trainer_runs):
     checkpoint of step 3 and resumed: the same weights, posterior and momentum, bit for bit."""
     _, r0, r1, _ = trainer_runs
     assert r0["world"] == 2 and r0["full"]["sharded"]
-    assert r0["full"]["pc"] == {"step": 6, "refreshes": 3, "last_refresh": 5}
+    assert r0["full"]["pc"] == {"step": 6, "refreshes": 3, "last_refresh": 5, "skipped_steps": 0,
+                                "skipped_refreshes": 0, "consecutive_skips": 0}
     _equal(r0["full"], r1["full"])         # both ranks gathered the same whole state
     _equal(r0["full"], r0["resumed"])
     assert len(r0["full"]["logs"]) == 6 and all(e["pc/sigma_mean"] > 0 for e in r0["full"]["logs"])

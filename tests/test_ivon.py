@@ -8,6 +8,7 @@ import torch
 from hf_ivonpc.optim import IVON
 
 from _problems import drive, groups_of, loss_fn, make_data, make_params
+from _ulp import assert_within_ulps
 
 ivon_opt = pytest.importorskip("ivon")
 
@@ -60,7 +61,9 @@ def test_state_dict_holds_each_groups_step_and_the_generator():
     drive(a, pa, 5, x, y)
     sd = a.state_dict()
     assert [g["step"] for g in sd["param_groups"]] == [5, 5]
-    assert sd["hf_ivonpc"]["pc"] == a.counters == {"step": 5, "refreshes": 0, "last_refresh": -1}
+    assert sd["hf_ivonpc"]["pc"] == a.counters == {"step": 5, "refreshes": 0, "last_refresh": -1,
+                                                   "skipped_steps": 0, "skipped_refreshes": 0,
+                                                   "consecutive_skips": 0}
     assert torch.equal(sd["hf_ivonpc"]["generator"], a.generator.get_state())
 
 
@@ -176,22 +179,27 @@ def test_counters_past_two_to_the_32_do_not_wrap_around():
 
 
 def test_counter_noise_does_not_depend_on_threads_chunks_or_length():
+    """Element j's draw is a function of the key and j alone. Another thread count, chunk size or
+    buffer length computes it with the same expressions, but may move it between a vectorized
+    loop's body and its scalar tail, whose log, cos and sin may round differently (by at most an
+    ulp or so of the draw itself): agreement is asserted within 2 ulps of the largest draw, where
+    a shifted counter or a wrong half gives differences of order 1 (~10^6 such ulps)."""
     n = (1 << 20) + 1   # odd, and large enough for the counter-based generator
     a = _counter_draw(n)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert torch.equal(a, _counter_draw(n))
+        assert_within_ulps(a, _counter_draw(n), 2, "one thread")
     finally:
         torch.set_num_threads(threads)
     eager = _counter_draw(n, fused=False)
-    assert torch.equal(eager, _counter_draw(n, fused=False, chunk=1 << 14))
+    assert_within_ulps(eager, _counter_draw(n, fused=False, chunk=1 << 14), 2, "other chunks")
     assert (eager - a).abs().max() < 1e-5          # compiled and eager: the same up to rounding
     # element j and m + j are the two outputs of counter j, an odd last one counter m's first:
     # a buffer one longer has the same first m + 1 draws
     m = n // 2
     longer = _counter_draw(n + 1, fused=False)
-    assert torch.equal(longer[:m], eager[:m]) and torch.equal(longer[m], eager[-1])
+    assert_within_ulps(longer[:m + 1], torch.cat([eager[:m], eager[-1:]]), 2, "one longer")
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):

@@ -8,6 +8,7 @@ from hf_ivonpc.optim import _random
 from hf_ivonpc.optim import reference as ref
 
 from _problems import drive, groups_of, loss_fn, make_data, make_params
+from _ulp import assert_within_ulps
 
 HP = dict(lr=0.1, ess=500.0, hess_init=0.2, beta1=0.9, beta2=0.99, weight_decay=1e-3,
           clip_radius=0.05, rescale_lr=False)
@@ -148,8 +149,17 @@ def test_noise_drawn_ahead_is_dropped_by_a_load(monkeypatch):
     (IVONPC, "float32", 1, False), (IVONPC, "float32", 2, False),  # in noise x grad; temporaries
     (IVONPC, "bfloat16", 1, False), (IVONPC, "bfloat16", 2, False),   # theta_out in a temporary
 ])
-def test_regenerated_noise_is_the_kept_noise_bit_for_bit(cls, state_dtype, micro, fused,
-                                                          monkeypatch):
+def test_regenerated_noise_is_the_kept_noise(cls, state_dtype, micro, fused, monkeypatch):
+    """Noise drawn again from its key is the kept noise, and the runs agree to within rounding.
+
+    The two paths evaluate the same expressions from the same counters, but in different kernels
+    (the draw inside the update or the collection instead of a buffer read): a CPU may vectorize
+    them differently (a vectorized body against a scalar tail), so the bound is stated in ulps. An
+    fp32 run: 4 ulps of each tensor's largest entry (a rounding difference in a draw, carried by
+    the 12 steps; equal bit for bit on every CPU and vector width tried). With bf16 state, such a
+    difference can flip a stochastic rounding of h or the momentum (the noise's low bits choose
+    it), so every buffer is compared at bf16's resolution: 2 bf16 ulps. Dropping the noise from
+    either path moves the mean by sigma (~0.06), thousands of times either bound."""
     monkeypatch.setattr(_random, "COUNTER_MIN", 0)
     x, y = make_data(dtype=torch.float32)
     runs = []
@@ -165,16 +175,27 @@ def test_regenerated_noise_is_the_kept_noise_bit_for_bit(cls, state_dtype, micro
     assert "noise" not in regen.flat_state(transient=True)[0]   # never allocated
     if cls is IVONPC:
         assert regen.refreshes == kept.refreshes > 0
-    for a, b in zip(pk, pg):
-        assert torch.equal(a, b)
+    def agree(a, b, what):
+        if state_dtype == "bfloat16":
+            assert_within_ulps(a.bfloat16(), b.bfloat16(), 2, what)
+        else:
+            assert_within_ulps(a, b, 4, what)
+    for i, (a, b) in enumerate(zip(pk, pg)):
+        agree(a.detach(), b.detach(), f"parameter {i}")
     for fa, fb in zip(kept.flat_state(), regen.flat_state()):
         for name in fa:
-            assert torch.equal(fa[name], fb[name]), name
+            agree(fa[name], fb[name], name)
 
 
 def test_a_non_contiguous_parameter_takes_theta_out_as_its_contiguous_twin():
     """theta_out from kept noise is written by the kernel into each parameter, through a
-    temporary where the parameter is not contiguous."""
+    temporary where the parameter is not contiguous.
+
+    The two runs agree to 4 ulps of each parameter's largest entry, not bit for bit: the loss's
+    matrix product with the transposed weight is another BLAS kernel, whose sums may round
+    differently (MKL's code path on non-Intel CPUs does: 1 ulp after 8 steps); the optimizer's
+    copy through the temporary adds no rounding. Dropping that copy leaves theta_in in place of
+    theta_out, a difference of sigma_out (~0.06), far beyond the bound."""
     x, y = make_data(dtype=torch.float32)
     runs = []
     for contiguous in (True, False):
@@ -186,8 +207,8 @@ def test_a_non_contiguous_parameter_takes_theta_out_as_its_contiguous_twin():
         drive(opt, params, 8, x, y)
         assert opt.refreshes > 0
         runs.append(params)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for i, (a, b) in enumerate(zip(*runs)):
+        assert_within_ulps(a.detach(), b.detach(), 4, f"parameter {i}")
 
 
 def test_regenerate_noise_default_and_check():

@@ -3,12 +3,14 @@
 Readable line-by-line twins live in :mod:`hf_ivonpc.optim.reference`.
 """
 
+from ._sampling import NonFiniteError
 from .ivon import IVON
 from .ivon_pc import IVONPC
 from .sampler import MegaBatchSampler
 from .svrg import SVRG, VSGDPC, AlphaSVRG
 
-__all__ = ["IVON", "IVONPC", "SVRG", "AlphaSVRG", "VSGDPC", "VONPC", "MegaBatchSampler"]
+__all__ = ["IVON", "IVONPC", "SVRG", "AlphaSVRG", "VSGDPC", "VONPC", "MegaBatchSampler",
+           "NonFiniteError"]
 
 
 def __getattr__(name):  # VONPC lives in its own module (full covariance, small models)

@@ -26,7 +26,7 @@ from ._checks import check_int_min, check_one_device_and_dtype, check_param_list
 from ._flat import FlatBuffers, default_chunk
 from ._random import make_generator
 from ._sampling import SamplingProtocol
-from ._schedule import CorrectionSchedule, fresh_counters
+from ._schedule import CorrectionSchedule, fresh_skip_counters
 from ._sharding import shard_mesh
 # imported from here by code outside ``optim`` (the trainer, the posterior, the FSDP tests)
 from ._sharding import is_sharded, local, local_part  # noqa: F401
@@ -92,7 +92,7 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
         self.start_step = start_step
         self.shared_noise = shared_noise
         self.generator = generator if generator is not None else make_generator(self._device, seed)
-        self._pc = fresh_counters()
+        self._pc = fresh_skip_counters()
         self._sampling: str | None = None
         self._refreshing = False
         self._last_draw: str | None = None

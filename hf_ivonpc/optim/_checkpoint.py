@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ._schedule import fresh_skip_counters
 from ._sharding import local, local_part, rows_over_ranks
 
 
@@ -54,7 +55,7 @@ class FlatCheckpoint:
                 for k, v in saved.items():
                     if k not in ("params", "hf_ivonpc"):
                         group[k] = v
-            self._pc = dict(extra["pc"])
+            self._pc = {**fresh_skip_counters(), **extra["pc"]}   # older files: no skip counts
             self.generator.set_state(local(extra["generator"]).reshape(-1).cpu())
             # the parameters are the source of truth for the mean, unless they hold a rounded
             # copy of the fp32 master kept here (low-precision parameters)

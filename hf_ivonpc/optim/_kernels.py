@@ -220,7 +220,8 @@ def product(out, a, b, sc):
 
 def _root_precision(h, ess, wd, sc):
     """sqrt(ess (h + wd)) = 1 / sigma, in the one order of operations every kernel uses (so that
-    noise drawn again equals the noise kept, bit for bit)."""
+    noise drawn again is the noise kept: the same expressions from the same counters, equal up to
+    how a CPU vectorizes each kernel, bit for bit on the CPUs tested)."""
     return ((_read(h, sc) + wd) * ess).sqrt()
 
 

@@ -17,6 +17,18 @@ The protocol of posterior correction, shared by IVON-PCM and the SVRG family::
 Leaving a ``sampled_params(train=True)`` block *consumes* the gradients: they are added to the
 optimizer's accumulators and ``p.grad`` is set to ``None``, so the next pass starts clean.
 Parameters whose ``grad`` is None are skipped: their mean and state stay as they are.
+
+Non-finite gradients (a NaN or inf loss, a bf16 overflow) never reach the state. Each collection
+checks the norm of the gradients it takes (the clipping norm where ``max_grad_norm`` is set, no
+extra pass; otherwise one reduction over the gradients). ``step()`` then skips a step whose
+theta_in or theta_out gradients were not finite, and the end of ``refreshing()`` discards a
+mega-batch with a non-finite micro-batch: the mean, h, the momentum, the outer statistics and the
+generator stay as they were before the step's (the refresh's) first draw, so what follows is
+what a run without that step (refresh) computes. A discarded refresh keeps the previous outer
+statistics (before the first refresh, the correction waits for the next good one). The counts are
+in ``counters`` (``skipped_steps``, ``skipped_refreshes``, ``consecutive_skips``), and
+``max_skipped_steps`` consecutive skips raise a ``NonFiniteError`` naming the step and the pass.
+Under DDP or FSDP the ranks agree: the flags are summed over the ranks before the decision.
 """
 
 from __future__ import annotations
@@ -28,8 +40,15 @@ import torch
 from ._checks import check_arg, check_positive
 from ._flat import binary_out
 from ._sharding import average_over_ranks, distributed, global_norm, local
+from .hparams import BY_FIELD
 
 SAMPLE_ROLES = ("in", "out", "mega")
+#: how an error names the pass of each role
+PASS_NAMES = {"in": "theta_in", "out": "theta_out", "mega": "refresh (mega-batch)"}
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps (and refreshes) skipped for non-finite gradients."""
 
 
 class SamplingProtocol:
@@ -39,6 +58,9 @@ class SamplingProtocol:
 
     #: whether the method has an outer loop (posterior correction / SVRG)
     corrects: bool = False
+    #: consecutive skipped steps and refreshes (non-finite gradients) after which a
+    #: ``NonFiniteError`` is raised (``pc_max_skipped_steps`` in PCTrainer)
+    max_skipped_steps: int = BY_FIELD["pc_max_skipped_steps"].default
 
     @property
     def collected(self) -> int:
@@ -51,6 +73,11 @@ class SamplingProtocol:
 
     def _reset_accumulators(self) -> None:
         self._count = {r: 0 for r in SAMPLE_ROLES}
+        #: per role, whether a collected gradient was not finite (a tensor: no synchronization)
+        self._nonfinite = torch.zeros(len(SAMPLE_ROLES), dtype=torch.float32, device=self._device)
+        #: the generator's state before the first draw of the step (or refresh), restored when it
+        #: is skipped
+        self._rng_before: torch.Tensor | None = None
         self._in_clip_scales: list[torch.Tensor] = []
         self._seen = [[False] * len(g["params"]) for g in self.param_groups]
         self._written = [set() for _ in self.param_groups]
@@ -83,6 +110,8 @@ class SamplingProtocol:
             raise RuntimeError('with shared_noise, sampled_params(at="out") must follow the '
                                'at="in" pass of the same mini-batch')
         self._sync_mean()
+        if self._rng_before is None:
+            self._rng_before = self.generator.get_state()
         with torch.no_grad():
             self._draw(at)
             self._record_param_versions()
@@ -106,7 +135,8 @@ class SamplingProtocol:
             self._write_params()
 
     def _collect_role(self, at: str) -> None:
-        self._clip_grads(at)
+        norm = self._clip_grads(at)
+        self._check_finite(at, norm)
         for gi, group in enumerate(self.param_groups):
             idx = [i for i, p in enumerate(group["params"]) if p.grad is not None]
             if not idx:
@@ -124,27 +154,85 @@ class SamplingProtocol:
                 group["params"][i].grad = None
         self._count[at] += 1
 
-    def _clip_grads(self, at: str) -> None:
+    def _grads(self) -> list[torch.Tensor]:
+        return [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """The norm of the whole gradient, from every rank's shards when sharded."""
+        norms = torch.stack([n.to(self._dtype) for n in torch._foreach_norm(grads)])
+        return global_norm(norms, self._shard_group)
+
+    def _clip_grads(self, at: str) -> torch.Tensor | None:
         """Scale the gradients to ``max_grad_norm``. The theta_out pass of a mini-batch takes the
         factor of its theta_in pass (in order, when several are collected), so that the two
-        gradients keep their common part and their difference cancels where it should."""
+        gradients keep their common part and their difference cancels where it should. Returns
+        the norm it computed (None where it computed none)."""
         if self.max_grad_norm is None:
-            return
+            return None
         check_positive("max_grad_norm", self.max_grad_norm)
-        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = self._grads()
         if not grads:
-            return
+            return None
+        norm = None
         if at == "out" and self._in_clip_scales:
             scale = self._in_clip_scales.pop(0)
         else:
-            norms = torch.stack([n.to(self._dtype) for n in torch._foreach_norm(grads)])
-            # the norm of the whole gradient, from every rank's shards when sharded
-            norm = global_norm(norms, self._shard_group)
+            norm = self._grad_norm(grads)
             scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             if at == "in":
                 self.last_grad_norm = norm
                 self._in_clip_scales.append(scale)
         torch._foreach_mul_(grads, scale.to(grads[0].dtype))
+        return norm
+
+    def _check_finite(self, at: str, norm: torch.Tensor | None) -> None:
+        """Record whether the gradients collected now are finite: their norm is (the clipping
+        norm when there is one; a norm is finite exactly when every entry is, short of an
+        overflow of the sum of squares beyond 3e38, which no trainable gradient reaches)."""
+        if norm is None:
+            grads = self._grads()
+            if not grads:
+                return
+            norm = self._grad_norm(grads)
+        i = SAMPLE_ROLES.index(at)
+        self._nonfinite[i:i + 1].add_((~torch.isfinite(norm)).to(self._nonfinite.dtype).reshape(1))
+
+    def _nonfinite_passes(self) -> list[str]:
+        """The roles whose collected gradients were not finite, on any rank (one all-reduce of
+        three numbers when distributed, and the one synchronization of the step)."""
+        flags = self._nonfinite
+        if self._shard_group is not None:
+            flags = flags.clone()
+            torch.distributed.all_reduce(flags, group=self._shard_group)
+        elif distributed():
+            flags = flags.clone()
+            torch.distributed.all_reduce(flags)
+        return [r for r, f in zip(SAMPLE_ROLES, flags.tolist()) if f > 0]
+
+    def _skip(self, what: str, passes: list[str]) -> None:
+        """Drop what was collected, set the generator back to before the first draw, count the
+        skip, and raise once ``max_skipped_steps`` skips follow each other."""
+        if self._rng_before is not None:
+            self.generator.set_state(self._rng_before)
+        self._forget_step()
+        self._pc["skipped_" + what] += 1
+        self._pc["consecutive_skips"] += 1
+        n = self._pc["consecutive_skips"]
+        if n >= self.max_skipped_steps:
+            step = self._pc["step"] + 1
+            raise NonFiniteError(
+                f"{n} consecutive optimizer steps and refreshes were skipped for non-finite "
+                f"gradients (max_skipped_steps={self.max_skipped_steps}; pc_max_skipped_steps in "
+                f"PCTrainingArguments); the last one, at step {step}, in the "
+                f"{' and '.join(PASS_NAMES[p] for p in passes)} pass. The state is that of "
+                f"step {step - 1}: look for NaN or inf in the data or the loss, or lower the "
+                f"learning rate")
+
+    def _forget_step(self) -> None:
+        """Drop the collected statistics of a skipped step or refresh (subclasses also drop what
+        they measured from them)."""
+        self._reset_accumulators()
+        self._last_draw = None
 
     def _acc(self, gi: int, name: str, idx: list[int], src: list[torch.Tensor],
              other: list[torch.Tensor] | None = None, alpha: float = 1.0) -> None:
@@ -202,6 +290,11 @@ class SamplingProtocol:
             self._reset_accumulators()
             raise ValueError("refreshing() block collected no gradients: evaluate at least one "
                              'micro-batch with sampled_params(train=True, at="mega")')
+        bad = self._nonfinite_passes()
+        if bad:   # the previous outer statistics stay; the next refresh is at its usual step
+            self._pc["last_refresh"] = self._pc["step"]
+            self._skip("refreshes", bad)
+            return
         with torch.no_grad():
             self._before_refresh()
             for gi, group in enumerate(self.param_groups):
@@ -213,7 +306,8 @@ class SamplingProtocol:
     # ------------------------------------------------------------------ inner step
     @torch.no_grad()
     def step(self, closure=None):
-        """Take one step with the gradients collected since the last step.
+        """Take one step with the gradients collected since the last step (or skip it, changing
+        nothing but the skip counts, when they were not finite: see the module).
 
         With a ``closure``, it is called (with grad enabled) before the update; as in ivon-opt, the
         closure does its own sampling (``with opt.sampled_params(train=True): ...``)."""
@@ -235,8 +329,13 @@ class SamplingProtocol:
             raise ValueError(f"correction is active but {k} mini-batch(es) were evaluated at theta_in "
                              f"and {self._count['out']} at theta_out: evaluate each at both")
         self._sync_mean()
+        bad = self._nonfinite_passes()
+        if bad:   # nothing is written: the parameters hold the mean already
+            self._skip("steps", bad)
+            return loss
         self._before_update()
         self._pc["step"] += 1
+        self._pc["consecutive_skips"] = 0
         use_correction = self.correction_active
         for gi, group in enumerate(self.param_groups):
             group["step"] = group.get("step", 0) + 1

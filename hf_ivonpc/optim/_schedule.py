@@ -13,6 +13,12 @@ def fresh_counters() -> dict[str, int]:
     return {"step": 0, "refreshes": 0, "last_refresh": -1}
 
 
+def fresh_skip_counters() -> dict[str, int]:
+    """``fresh_counters`` and the counts of what was skipped for non-finite gradients (see
+    ``_sampling``): steps and refreshes in all, and the skips since the last step taken."""
+    return {**fresh_counters(), "skipped_steps": 0, "skipped_refreshes": 0, "consecutive_skips": 0}
+
+
 class CorrectionSchedule:
     """When to refresh and when to correct, from ``self._pc`` (step, refreshes, last_refresh),
     ``start_step``, ``refresh_every`` and the subclass's ``correction_enabled``."""
@@ -30,7 +36,9 @@ class CorrectionSchedule:
     @property
     def counters(self) -> dict[str, int]:
         """A copy of the counters saved in ``state_dict``: ``step`` (optimizer steps taken),
-        ``refreshes`` and ``last_refresh`` (the step of the last refresh, -1 before the first)."""
+        ``refreshes`` and ``last_refresh`` (the step of the last refresh, -1 before the first);
+        for the flat-state optimizers also ``skipped_steps``, ``skipped_refreshes`` (skipped for
+        non-finite gradients, in all) and ``consecutive_skips`` (since the last step taken)."""
         return dict(self._pc)
 
     @property

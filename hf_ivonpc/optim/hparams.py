@@ -152,6 +152,13 @@ HPARAMS: tuple[HParam, ...] = (
            "Log what the correction does at logging_steps: pc/grad_var_ratio and "
            "pc/hess_var_ratio (variance of the corrected estimate over the plain one; < 1 is a "
            "gain), pc/clipped_share and pc/h_out_negative_share.", methods=_IVON),
+    HParam(None, "pc_max_skipped_steps", 10, INT1,
+           "Consecutive optimizer steps (and refreshes) skipped for non-finite gradients after "
+           "which training stops with an error naming the step and the pass: a step whose "
+           "theta_in or theta_out gradient holds a NaN or inf is skipped (the state and the "
+           "noise generator stay as they were), a refresh with a non-finite micro-batch keeps the "
+           "previous outer statistics; both are counted in pc/skipped_steps and "
+           "pc/skipped_refreshes.", methods=("ivon", "ivon_pcm", "alpha_svrg")),
     HParam(None, "eval_mc_samples", 0, INT0,
            "0: evaluate at the posterior mean; k > 0: the posterior predictive, output "
            "probabilities averaged over k draws.", methods=_IVON),

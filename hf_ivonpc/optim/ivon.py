@@ -67,7 +67,8 @@ class IVON(FlatStateOptimizer):
             and backward passes), for one more draw per use. None (default): on accelerators,
             where drawing costs less than storing and reading back; not on CPU, where the draws
             and the temporaries' page faults make IVON's step about 1.5x slower. The numbers are
-            the same either way, bit for bit.
+            the same either way (the same expressions from the same counters; bit for bit on
+            the CPUs tested, within a few ulps wherever a CPU vectorizes two kernels differently).
     """
 
     persistent_buffers = ("mean", "momentum", "hess")
@@ -230,6 +231,12 @@ class IVON(FlatStateOptimizer):
         self._nxg_pending = [False] * len(self.param_groups)
         #: per group, the role and counter key of the last draw of the step (None before one)
         self._draws: list[tuple[str, torch.Tensor | None] | None] = [None] * len(self.param_groups)
+
+    def _forget_step(self) -> None:
+        super()._forget_step()
+        self._ahead = {}   # the skipped step's draws may have overwritten the noise drawn ahead
+        self._diag_raw.zero_()
+        self._diag_raw_ready = False
 
     def _materialize_nxg(self, groups: list[int] | None = None) -> None:
         """Form the noise x grad products left to the update (of ``groups``; None: all)."""
