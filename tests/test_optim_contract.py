@@ -123,16 +123,24 @@ IVON_BAD = (
     Bad("hess_init", -1e-3, POSITIVE), Bad("beta1", 1.0, BETA), Bad("beta1", -0.1, BETA),
     Bad("beta2", 1.0, BETA), Bad("beta2", 1.5, BETA), Bad("weight_decay", -1e-4, NONNEG),
     Bad("clip_radius", 0.0, "a number > 0 (inf disables clipping)"), Bad("mc_samples", 0, INT1),
-    Bad("seed", -1, INT0), Bad("chunk_size", 0, INT1),
+    Bad("seed", -1, INT0), Bad("chunk_size", 0, INT1), Bad("ess", float("inf"), POSITIVE),
+    Bad("sync", "yes", "True or False"), Bad("debias", 1, "True or False"),
+    Bad("rescale_lr", None, "True or False"), Bad("fused", "always", "None, True or False"),
+    Bad("regenerate_noise", 1, "None, True or False"), Bad("seed", 1.5, INT0),
+    Bad("generator", 7, "None or a torch.Generator"),
+    Bad("state_dtype", "fp8", "None, 'float32'", shown="state_dtype='fp8'"),
 )
 PC_BAD = (
     Bad("alpha", -0.1, NONNEG), Bad("rho1", 1.1, UNIT), Bad("rho1", -0.1, UNIT), Bad("rho2", 2.0, UNIT),
     Bad("mean_term_weight", -1.0, NONNEG), Bad("refresh_every", 0, INT1),
     Bad("refresh_every", 2.5, INT1), Bad("start_step", -1, INT0),
+    Bad("shared_noise", "no", "True or False"), Bad("alpha", float("nan"), NONNEG),
 )
 SVRG_BAD = (Bad("lr", 0.0, POSITIVE), Bad("lr", -1.0, POSITIVE), Bad("momentum", 1.0, BETA),
             Bad("weight_decay", -1.0, NONNEG), Bad("refresh_every", 0, INT1), Bad("start_step", -1, INT0),
-            Bad("seed", -1, INT0))
+            Bad("seed", -1, INT0), Bad("shared_noise", None, "True or False"),
+            Bad("fused", 0, "None, True or False"), Bad("generator", "g", "None or a torch.Generator"),
+            Bad("chunk_size", -4, INT1))
 IVON_KW = dict(lr=0.1, ess=100.0, hess_init=0.3, beta2=0.99, weight_decay=1e-3)
 PC_KW = dict(IVON_KW, clip_radius=0.05, alpha=0.7, rho1=0.6, rho2=0.1, mean_term_weight=1.0)
 
@@ -336,6 +344,18 @@ def test_a_bad_argument_raises_naming_it_its_value_and_range(case, bad):
     msg = str(err.value)
     assert f"{bad.shown or bad} is invalid: accepted" in msg, msg
     assert bad.accepted in msg, msg
+
+
+@pytest.mark.parametrize("name", ["IVON", "IVONPC", "AlphaSVRG"])
+def test_every_keyword_has_a_bad_value_above(name):
+    """Each constructor keyword of the optimizers PCTrainer builds is refused with a bad value by
+    the test above (a keyword added without a check fails here)."""
+    import inspect
+    case = next(c for c in CASES if c.name == name)
+    keywords = {n for n, p in inspect.signature(case.cls.__init__).parameters.items()
+                if n not in ("self", "params") and not n.startswith("_")
+                and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    assert keywords - {b.kwarg for b in case.bad} == set()
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)

@@ -55,3 +55,53 @@ def test_megabatch_sampler_arguments_and_resume():
     mb = a.sample()
     flat = torch.cat(mb)
     assert len(mb) == 5 and flat.unique().numel() == 40   # without replacement
+
+
+#: a bad value for every PCTrainingArguments field of the IVON methods (a field added without one
+#: fails ``test_every_field_has_a_bad_value``): wrong type, NaN, inf, negative, out of range
+FIELD_BAD = [
+    ("pc_method", "ivon-pcm"), ("learning_rate", float("nan")), ("learning_rate", -1.0),
+    ("ivon_ess", float("inf")), ("ivon_ess", 0.0), ("ivon_hess_init", -1e-3),
+    ("ivon_beta1", 1.0), ("ivon_beta2", float("nan")), ("ivon_clip_radius", 0.0),
+    ("weight_decay", -1e-4), ("pc_alpha", -1.0), ("pc_alpha", float("inf")), ("pc_rho1", 1.5),
+    ("pc_rho2", -0.1), ("pc_mean_term_weight", -1.0), ("pc_refresh_steps", 0),
+    ("pc_refresh_steps", 2.5), ("pc_start_step", -1), ("pc_shared_noise", "yes"),
+    ("pc_state_dtype", "fp16"), ("pc_start_ratio", 1.0), ("pc_megabatch_factor", 0),
+    ("pc_log_diagnostics", 1), ("pc_max_skipped_steps", 0), ("pc_max_skipped_steps", "10"),
+    ("eval_mc_samples", -1),
+]
+
+
+def test_every_field_has_a_bad_value():
+    from hf_ivonpc.optim.hparams import BY_FIELD
+    assert set(BY_FIELD) | {"pc_method", "learning_rate"} <= {f for f, _ in FIELD_BAD}
+
+
+@pytest.mark.parametrize("field,value", FIELD_BAD, ids=[f"{f}={v!r}" for f, v in FIELD_BAD])
+def test_a_bad_field_is_refused_naming_it_and_what_is_accepted(tmp_path, field, value):
+    from hf_ivonpc import PCTrainingArguments
+    with pytest.raises(ValueError, match=rf"^{field}=.* is invalid: accepted (range )?is"):
+        PCTrainingArguments(output_dir=str(tmp_path), **{"pc_method": "ivon_pcm", field: value})
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--pc_alpha", "-1"], "pc_alpha=-1.0 is invalid: accepted range is a finite number >= 0"),
+    (["--pc_method", "adam"], "pc_method='adam' is invalid"),
+    (["--config", "no_such_config"], "--config no_such_config: no such file"),
+])
+def test_the_command_line_reports_a_bad_value_in_one_line_before_any_work(
+        tmp_path, monkeypatch, capsys, argv, expected):
+    from hf_ivonpc import __main__ as cli_main
+    from hf_ivonpc.tasks import pretrain
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("data or a model was loaded before the arguments were checked")
+    monkeypatch.setattr(pretrain, "build_trainer", no_work)
+    monkeypatch.setattr("hf_ivonpc.tasks.cli.PROG", None)
+    with pytest.raises(SystemExit) as done:
+        cli_main.main(["pretrain", "--output_dir", str(tmp_path), *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("hf-ivonpc pretrain: error: ") and expected in lines[-1], err
+    assert "Traceback" not in err

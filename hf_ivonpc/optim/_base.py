@@ -22,7 +22,8 @@ from typing import Iterable
 import torch
 
 from ._checkpoint import FlatCheckpoint
-from ._checks import check_int_min, check_one_device_and_dtype, check_param_list, resolve_state_dtype
+from ._checks import (check_arg, check_flag, check_int_min, check_one_device_and_dtype,
+                      check_param_list, resolve_state_dtype)
 from ._flat import FlatBuffers, default_chunk
 from ._random import make_generator
 from ._sampling import SamplingProtocol
@@ -57,6 +58,10 @@ class FlatStateOptimizer(CorrectionSchedule, FlatCheckpoint, SamplingProtocol, F
             check_int_min("seed", seed, 0)
         if chunk_size is not None:
             check_int_min("chunk_size", chunk_size, 1)
+        check_flag("shared_noise", shared_noise)
+        check_flag("fused", fused, allow_none=True)
+        check_arg("generator", generator, generator is None or isinstance(generator, torch.Generator),
+                  "None or a torch.Generator")
         # generators (in a group too) are read once, here: the checks must not consume them
         params = [dict(g, params=list(g["params"])) if isinstance(g, dict) else g for g in params]
         check_param_list(params)

@@ -21,6 +21,12 @@ def check_arg(name: str, value: Any, ok: bool, accepted: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: accepted range is {accepted}")
 
 
+def check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    """``value`` is True or False (or None where ``allow_none``): 1, "yes" and the like are not."""
+    ok = isinstance(value, bool) or (allow_none and value is None)
+    check_arg(name, value, ok, "None, True or False" if allow_none else "True or False")
+
+
 check_positive = hparams.POSITIVE.check
 check_nonneg = hparams.NONNEG.check
 check_beta = hparams.BETA.check

@@ -14,7 +14,7 @@ import torch
 
 from . import _kernels as K
 from ._base import FlatStateOptimizer
-from ._checks import check_arg, check_int_min, check_positive
+from ._checks import check_arg, check_flag, check_int_min, check_positive
 from .hparams import check as check_hparam
 from .hparams import default
 
@@ -95,8 +95,10 @@ class IVON(FlatStateOptimizer):
                  regenerate_noise: bool | None = None,
                  _pc_defaults: dict | None = None, **pc_kwargs):
         check_int_min("mc_samples", mc_samples, 1)
-        check_arg("regenerate_noise", regenerate_noise, regenerate_noise in (None, True, False),
-                  "None, True or False")
+        check_flag("regenerate_noise", regenerate_noise, allow_none=True)
+        check_flag("sync", sync)
+        check_flag("debias", debias)
+        check_hparam("rescale_lr", rescale_lr)
         check_arg("hess_approx", hess_approx, hess_approx in ("price", "gradsq"), "'price' or 'gradsq'")
         defaults = dict(lr=lr, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
                         weight_decay=weight_decay, clip_radius=clip_radius, mc_samples=mc_samples)

@@ -25,6 +25,8 @@ from pathlib import Path
 import yaml
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: how command-line errors name the program (``hf-ivonpc COMMAND`` when run through it)
+PROG: str | None = None
 #: the key naming the config a file starts from
 BASE_KEY = "base"
 
@@ -83,18 +85,31 @@ def load_config(path: str | Path, dataclass_types) -> dict:
     return cfg
 
 
-def parse_args(dataclass_types, default_config: str | Path | None = None, argv: list[str] | None = None):
-    """Parse ``--config FILE`` and overrides into instances of ``dataclass_types`` (in order)."""
+def parse_args(dataclass_types, default_config: str | Path | None = None, argv: list[str] | None = None,
+               cli: bool = False):
+    """Parse ``--config FILE`` and overrides into instances of ``dataclass_types`` (in order).
+
+    With ``cli=True`` a missing or bad config, or a value that an argument's checks refuse, ends
+    the process as argparse ends it for a malformed flag: one line ``PROG: error: ...`` on
+    stderr and exit status 2 (before any data or model is loaded); otherwise the error is raised."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = HfArgumentParser(dataclass_types, **({"prog": PROG} if PROG else {}))
+    if cli:
+        try:
+            return _parse(parser, dataclass_types, known.config or default_config, default_config, rest)
+        except ValueError as e:   # a ConfigError too
+            parser.exit(2, f"{parser.prog}: error: {' '.join(str(e).split())}\n")
+    return _parse(parser, dataclass_types, known.config or default_config, default_config, rest)
+
+
+def _parse(parser, dataclass_types, cfg_file, default_config, rest):
     parser.add_argument("--config", default=None,
                         help=f"YAML config (a path, or a name in {CONFIGS}); default: {default_config}")
-    cfg_file = known.config or default_config
     if cfg_file is not None:
         parser.set_defaults(**load_config(cfg_file, dataclass_types))
     out = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=False,
@@ -109,7 +124,7 @@ def run_workload(arguments, default_config: str, build_trainer, argv: list[str] 
     -> (trainer, how to report), then :func:`train_and_report`."""
     from ..args import PCTrainingArguments
 
-    args, training_args = parse_args((arguments, PCTrainingArguments), default_config, argv)
+    args, training_args = parse_args((arguments, PCTrainingArguments), default_config, argv, cli=True)
     trainer, report = build_trainer(args, training_args)
     return train_and_report(trainer, **report)
 
