@@ -223,12 +223,23 @@ class PCTrainer(Trainer):
         return opt if isinstance(opt, FlatStateOptimizer) else None
 
     # ------------------------------------------------------------------ training
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's ``train``, resuming only from a complete checkpoint (``hf_ivonpc.checkpoints``):
+        ``True`` skips, with a warning saying what each lacks, newer checkpoint folders that a
+        killed process left half-written; an incomplete folder given by path is refused."""
+        from .checkpoints import resolve_resume
+        resume_from_checkpoint = resolve_resume(
+            resume_from_checkpoint, self.args.output_dir, world_size=self.args.world_size,
+            posterior=self.args.pc_method in ("ivon", "ivon_pcm"), model_only=self.args.save_only_model)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         opt = self.pc_optimizer
         if opt is None:
             return super().training_step(model, inputs, num_items_in_batch)
         # Trainer scales each micro-batch's loss for accumulation: the parts add up
         opt.grad_reduction = "sum"
+        opt.max_skipped_steps = self.args.pc_max_skipped_steps
         if opt.collected == 0 and hasattr(opt, "diagnostics"):
             opt.track_diagnostics = self._diagnostics_due(opt)
         if opt.collected == 0 and opt.needs_refresh:
@@ -288,10 +299,11 @@ class PCTrainer(Trainer):
         model.train()
         losses = []
         with opt.refreshing():
-            # the optimizer's refresh count (in its state_dict) picks the mega-batch: a resumed
-            # run draws the same ones
+            # the optimizer's count of refreshes made and discarded (in its state_dict) picks the
+            # mega-batch: a resumed run draws the same ones, and a refresh discarded for a
+            # non-finite micro-batch is not retried on the same examples
             # each rank evaluates its share of the mega-batch's micro-batches
-            parts = self._mega_sampler.sample(index=opt.refreshes)
+            parts = self._mega_sampler.sample(index=opt.refreshes + opt.counters["skipped_refreshes"])
             for idx in parts[self.args.process_index::self.args.world_size]:
                 batch = self._prepare_inputs(self.data_collator([ds[int(i)] for i in idx]))
                 with self._local_gradients(model, opt), opt.sampled_params(train=True, at="mega"):
@@ -375,6 +387,10 @@ class PCTrainer(Trainer):
             # consumed the gradients: it would read 0
             logs.pop("grad_norm", None)
         if opt is not None and "loss" in logs:
+            counts = opt.counters   # skipped for non-finite gradients, since the start
+            logs["pc/skipped_steps"] = counts["skipped_steps"]
+            if opt.corrects:
+                logs["pc/skipped_refreshes"] = counts["skipped_refreshes"]
             if opt.last_grad_norm is not None:   # the last micro-batch's, at the window's scale
                 logs["pc/grad_norm"] = opt.last_grad_norm.item() * self.args.gradient_accumulation_steps
             if "hess" in opt.flat_state()[0]:

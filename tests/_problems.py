@@ -38,6 +38,18 @@ def _data_order(opt, n, steps, batch, mega):
         yield parts, torch.randint(0, n, (batch,), generator=order)
 
 
+def inner_step(opt, params, x, y, idx, loss=loss_fn):
+    """One inner step on the examples ``idx``: theta_in, theta_out when the correction is
+    active, then ``step()``."""
+    active = getattr(opt, "correction_active", False)
+    with opt.sampled_params(train=True):
+        loss(params, x[idx], y[idx]).backward()
+    if active:
+        with opt.sampled_params(train=True, at="out"):
+            loss(params, x[idx], y[idx]).backward()
+    opt.step()
+
+
 def drive(opt, params, steps, x, y, batch=8, mega=(32, 2), micro=1, loss=loss_fn):
     """The correction protocol on a fixed data order: `micro` micro-batches per step,
     a mega-batch of mega[0] examples in mega[1] micro-batches when a refresh is due."""

@@ -14,7 +14,7 @@ import torch
 
 from hf_ivonpc.optim import IVON, IVONPC, AlphaSVRG, NonFiniteError
 
-from _problems import groups_of, loss_fn, make_data, make_params
+from _problems import groups_of, inner_step, loss_fn, make_data, make_params
 
 HP = dict(lr=0.1, ess=500.0, hess_init=0.2, beta1=0.9, beta2=0.99, weight_decay=1e-3,
           clip_radius=0.05, rescale_lr=False)
@@ -54,13 +54,7 @@ def _loop(opt, params, steps, x, y, poison=None, skip_refresh_at=None, bad=BAD):
             step = opt.global_step
             opt.step()
             assert opt.global_step == step   # skipped
-        active = opt.correction_active
-        with opt.sampled_params(train=True):
-            loss_fn(params, x[idx], y[idx]).backward()
-        if active:
-            with opt.sampled_params(train=True, at="out"):
-                loss_fn(params, x[idx], y[idx]).backward()
-        opt.step()
+        inner_step(opt, params, x, y, idx)
 
 
 def _assert_same_run(a, pa, b, pb):

@@ -10,7 +10,7 @@ import torch
 from hf_ivonpc.optim import IVON, IVONPC, _random
 from hf_ivonpc.optim._kernels import store
 
-from _problems import drive, loss_fn, make_data, make_params
+from _problems import drive, inner_step, loss_fn, make_data, make_params
 
 
 def _neighbours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,14 +56,7 @@ def _drive(opt, params, steps, x, y):
                 for part in torch.arange(32).chunk(2):
                     with opt.sampled_params(train=True, at="mega"):
                         loss_fn(params, x[part], y[part]).backward()
-        idx = torch.arange(8) + (t % 8) * 8
-        active = getattr(opt, "correction_active", False)
-        with opt.sampled_params(train=True):
-            loss_fn(params, x[idx], y[idx]).backward()
-        if active:
-            with opt.sampled_params(train=True, at="out"):
-                loss_fn(params, x[idx], y[idx]).backward()
-        opt.step()
+        inner_step(opt, params, x, y, torch.arange(8) + (t % 8) * 8)
 
 
 def _run(state_dtype, steps, cls=IVON, params=None, **kw):
