@@ -225,3 +225,18 @@ def test_an_sft_trainer_needs_the_combined_config(tmp_path):
     with pytest.raises(ValueError, match="args is a SFTConfig: PCSFTTrainer needs PCSFTConfig"):
         PCSFTTrainer(model=_llama(), args=args, train_dataset=_sft_data(4), processing_class=_tokenizer())
     assert os.path.isdir(tmp_path)
+
+
+def test_readme_trl_example_runs(tmp_path, eager_kernels):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [code] = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "PCSFTTrainer(" in b]
+    # the same code, shortened for CPU: two steps, a local output folder
+    code = code.replace('output_dir="out"', f'output_dir="{tmp_path}", use_cpu=True, bf16=False, max_steps=2, '
+                        'report_to=[], gradient_checkpointing=False, save_strategy="no", '
+                        'pc_megabatch_factor=2, per_device_train_batch_size=4, disable_tqdm=True')
+    ns = dict(model=_llama(), dataset=_sft_data(8), tokenizer=_tokenizer())
+    exec(compile(code, "README.md", "exec"), ns)
+    opt = ns["trainer"].pc_optimizer
+    assert type(opt).__name__ == "IVONPC" and opt.correction_active   # pc_start_ratio 0.1 of 2 steps: from step 1
