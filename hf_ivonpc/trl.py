@@ -9,8 +9,8 @@ on top (``_TRLMixin``):
   the theta_out pass and the mega-batch go through it too, and what they count is undone, so the
   logs count each real micro-batch once;
 - TRL writes its model card when a checkpoint starts, before the checkpoint's posterior exists:
-  the card is written after it instead (and again by ``save_model`` into ``output_dir``), naming
-  the method, TRL's trainer and the posterior; TRL's ``create_model_card(model_name,
+  the card is written again after it (and by ``save_model`` into ``output_dir``), naming the
+  method, TRL's trainer and the posterior; TRL's ``create_model_card(model_name,
   dataset_name, tags)`` arguments are accepted;
 - evaluation with ``eval_mc_samples = k > 0``: for SFT the loss is the negative log-likelihood
   per token of the posterior predictive (token probabilities averaged over k draws), and SFT's
@@ -64,8 +64,7 @@ class _TRLMixin(PCTrainerMixin):
     """What TRL's trainers need on top of ``PCTrainerMixin`` (see the module's docstring)."""
 
     def __init__(self, *args, **kwargs):
-        self._card: dict = {}            # the card's arguments, kept for the cards written later
-        self._skip_next_card = False
+        self._card: dict = {}   # the card's arguments, kept for the cards written later
         super().__init__(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -91,18 +90,13 @@ class _TRLMixin(PCTrainerMixin):
             card.setdefault("dataset", dataset_name)
         card.update(model_name=model_name, tags=tags)
         self._card.update({k: v for k, v in card.items() if v is not None})
-        if self._skip_next_card:   # TRL's, before the checkpoint: written after it instead
-            self._skip_next_card = False
-            return
         self._write_model_card(self.args.output_dir, **self._card)
 
     def _save_checkpoint(self, model, trial):
+        """TRL writes its card before the checkpoint (and its posterior) exists: write it again
+        after, describing the checkpoint's posterior."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-        self._skip_next_card = True
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._skip_next_card = False
+        super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         self._write_model_card(folder, **self._card)
 

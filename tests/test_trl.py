@@ -152,8 +152,10 @@ def test_ivon_pcm_sft_logs_the_true_token_count_saves_the_posterior_and_its_card
     card = (tmp_path / "README.md").read_text()
     assert "`PCSFTTrainer`: TRL's `SFTTrainer`" in card and "IVON-PCM" in card
     assert "`posterior.safetensors` holds" in card and "after 4 optimizer steps" in card
-    trainer.save_model()
+    (tmp_path / "README.md").unlink()
+    trainer.save_model()   # into output_dir: the weights, the posterior, then the card
     assert (tmp_path / "posterior.safetensors").is_file()
+    assert "`posterior.safetensors` holds" in (tmp_path / "README.md").read_text()
     trainer.create_model_card(dataset_name="tiny-readme-lines", tags=["tiny"])   # TRL's signature
     card = (tmp_path / "README.md").read_text()
     assert "tiny-readme-lines" in card and "- tiny" in card and "- sft" in card
