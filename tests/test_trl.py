@@ -242,3 +242,31 @@ def test_readme_trl_example_runs(tmp_path, eager_kernels):
     exec(compile(code, "README.md", "exec"), ns)
     opt = ns["trainer"].pc_optimizer
     assert type(opt).__name__ == "IVONPC" and opt.correction_active   # pc_start_ratio 0.1 of 2 steps: from step 1
+
+
+def test_trl_prepares_the_tokens_the_project_prepares(tmp_path):
+    """Toward the workloads on TRL: SFTTrainer fed the prompts of ``tasks/sft.py`` (chat template
+    applied) as a prompt-completion dataset tokenizes, masks and pads as ``PromptCompletionDataset``
+    and its collator do, on the offline SmolLM2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_ivonpc.tasks import sft
+    tok = sft.load_tokenizer("smollm2")
+    prompts = [sft.build_prompt(tok, m) for m in
+               ("What is 2 + 3?", "Summarize in one sentence: The cat sat on the mat, then it slept.", "Name a colour.")]
+    completions = ["#### 5", "A cat slept on a mat.", " Blue"]
+    ours = sft.PromptCompletionDataset(tok, prompts, completions)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=1, num_key_value_heads=1))
+    args = PCSFTConfig(output_dir=str(tmp_path), pc_method="none", use_cpu=True, bf16=False, report_to=[],
+                       max_length=None)
+    trainer = PCSFTTrainer(model=model, args=args, processing_class=tok,
+                           train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}))
+    theirs = trainer.train_dataset
+    for i in range(len(prompts)):
+        assert theirs[i]["input_ids"] == ours[i]["input_ids"], i
+        assert theirs[i]["labels"] == ours[i]["labels"], i
+    ours_batch = sft.data_collator(tok)([ours[i] for i in range(3)])
+    theirs_batch = trainer.data_collator([theirs[i] for i in range(3)])
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(theirs_batch[key], ours_batch[key]), key
