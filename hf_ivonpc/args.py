@@ -1,13 +1,21 @@
-"""PCTrainingArguments: TrainingArguments plus the variational and correction settings.
+"""PCArgsMixin: the variational and correction settings, to mix into any ``TrainingArguments``.
+
+``PCArgsMixin`` holds only the ``ivon_*``, ``pc_*`` and ``eval_*`` fields (and leaves
+``learning_rate`` unset, so that it resolves per method), with their validation; a named
+combination puts it first, over the configuration class that owns every other default:
+``PCTrainingArguments(PCArgsMixin, TrainingArguments)`` here, ``PCSFTConfig(PCArgsMixin,
+SFTConfig)`` and ``PCDPOConfig(PCArgsMixin, DPOConfig)`` in :mod:`hf_ivonpc.trl`. Inheriting two
+full configuration classes instead would silently replace one side's defaults.
 
 Every field has a help string, so ``HfArgumentParser`` turns them into CLI flags and YAML keys.
-The defaults, ranges and help of the IVON and correction fields come from
-:mod:`hf_ivonpc.optim.hparams`, the same table the optimizers read; ``learning_rate`` is the step
+The fields are made from :mod:`hf_ivonpc.optim.hparams`, the same table the optimizers read (its
+default, range and help; a new entry there is a new field here); ``learning_rate`` is the step
 size eta of Alg. 4 for the IVON methods (0.3 in the paper's GPT-2 runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -19,7 +27,7 @@ from .optim.hparams import (BY_FIELD, DEFAULT_IVON_LR, DEFAULT_SIGMA0, LEARNING_
                             RESOLVED_FIELDS)
 
 PC_METHODS = ("ivon", "ivon_pcm", "alpha_svrg", "none")
-__all__ = ["PCTrainingArguments", "PC_METHODS", "DEFAULT_IVON_LR", "DEFAULT_SIGMA0"]
+__all__ = ["PCArgsMixin", "PCTrainingArguments", "PC_METHODS", "DEFAULT_IVON_LR", "DEFAULT_SIGMA0"]
 
 
 def _bad(name: str, value, accepted: str) -> ValueError:
@@ -43,34 +51,39 @@ def _hp(name: str):
     return field(default=value, metadata={"help": f"{h.help} Accepted: {h.range.text}."})
 
 
+def _annotation(name: str):
+    """The field's type, from its default (``X | None`` where it is resolved per run), so that
+    ``HfArgumentParser`` parses the flag."""
+    default = BY_FIELD[name].default
+    kind = float if default is None else type(default)
+    return (kind | None) if name in RESOLVED_FIELDS else kind
+
+
+def _table_fields(cls):
+    """Add a field per entry of the table that ``TrainingArguments`` does not already own
+    (``weight_decay`` is Trainer's: the table only checks it)."""
+    own = TrainingArguments.__dataclass_fields__
+    for name in BY_FIELD:
+        if name not in own:
+            cls.__annotations__[name] = _annotation(name)
+            setattr(cls, name, _hp(name))
+    return cls
+
+
 @dataclass
-class PCTrainingArguments(TrainingArguments):
+@_table_fields
+class PCArgsMixin:
+    """The ``ivon_*``, ``pc_*`` and ``eval_*`` fields and their checks, mixed in first:
+    ``class MyConfig(PCArgsMixin, SomeTrainingArguments)``."""
+
     learning_rate: float | None = field(default=None, metadata={
         "help": f"Step size. Unset: {DEFAULT_IVON_LR} for 'ivon' and 'ivon_pcm' (eta of Alg. 4; with "
-                "the default clip radius 1e-3 a step moves a weight by at most 1e-3), Trainer's 5e-5 "
-                "otherwise."})
+                "the default clip radius 1e-3 a step moves a weight by at most 1e-3), the default of "
+                "the configuration it is mixed into otherwise (Trainer's 5e-5, TRL's per trainer)."})
     pc_method: str = field(default="ivon_pcm", metadata={
         "help": "Optimizer: 'ivon', 'ivon_pcm' (IVON with posterior correction and outer momentum), "
                 "'alpha_svrg' (the correction over Trainer's own optim, AdamW or SGD) or 'none' "
                 "(plain Trainer)."})
-    ivon_ess: float | None = _hp("ivon_ess")
-    ivon_hess_init: float = _hp("ivon_hess_init")
-    ivon_beta1: float = _hp("ivon_beta1")
-    ivon_beta2: float | None = _hp("ivon_beta2")
-    ivon_clip_radius: float = _hp("ivon_clip_radius")
-    pc_alpha: float = _hp("pc_alpha")
-    pc_rho1: float = _hp("pc_rho1")
-    pc_rho2: float = _hp("pc_rho2")
-    pc_megabatch_factor: int = _hp("pc_megabatch_factor")
-    pc_refresh_steps: int = _hp("pc_refresh_steps")
-    pc_start_step: int = _hp("pc_start_step")
-    pc_start_ratio: float = _hp("pc_start_ratio")
-    pc_mean_term_weight: float = _hp("pc_mean_term_weight")
-    pc_shared_noise: bool = _hp("pc_shared_noise")
-    pc_state_dtype: str = _hp("pc_state_dtype")
-    pc_log_diagnostics: bool = _hp("pc_log_diagnostics")
-    pc_max_skipped_steps: int = _hp("pc_max_skipped_steps")
-    eval_mc_samples: int = _hp("eval_mc_samples")
 
     def __getstate__(self) -> dict:
         """Pickled without ``hub_token``: Trainer saves the arguments as ``training_args.bin`` in
@@ -80,12 +93,23 @@ class PCTrainingArguments(TrainingArguments):
             state["hub_token"] = None
         return state
 
+    @classmethod
+    def base_default(cls, name: str):
+        """The default of field ``name`` in the configuration class this mixin is mixed into (the
+        first dataclass after it in the method resolution order that has the field)."""
+        mro = cls.__mro__
+        for klass in mro[mro.index(PCArgsMixin) + 1:]:
+            f = getattr(klass, "__dataclass_fields__", {}).get(name)
+            if f is not None:
+                return f.default_factory() if f.default is dataclasses.MISSING else f.default
+        raise AttributeError(f"{cls.__name__} has no base configuration with a field {name!r}")
+
     def __post_init__(self):
         if self.pc_method not in PC_METHODS:
             raise _bad("pc_method", self.pc_method, f"one of {PC_METHODS}")
         variational = self.pc_method in ("ivon", "ivon_pcm")
         if self.learning_rate is None:
-            self.learning_rate = DEFAULT_IVON_LR if variational else 5e-5
+            self.learning_rate = DEFAULT_IVON_LR if variational else self.base_default("learning_rate")
         (LEARNING_RATE if variational else POSITIVE).check("learning_rate", self.learning_rate)
         if variational and self.fp16:
             raise ValueError("fp16=True is invalid with pc_method="
@@ -130,10 +154,9 @@ class PCTrainingArguments(TrainingArguments):
             raise _bad("optim", optim, "an AdamW or SGD variant with pc_method='alpha_svrg' (the "
                        "base optimizer under the correction)")
         if self.pc_method in ("ivon", "ivon_pcm"):
-            ref = TrainingArguments.__dataclass_fields__
             changed = [n for n in ("optim", "adam_beta1", "adam_beta2", "adam_epsilon")
                        if str(getattr(getattr(self, n), "value", getattr(self, n)))
-                       != str(getattr(ref[n].default, "value", ref[n].default))]
+                       != str(getattr(self.base_default(n), "value", self.base_default(n)))]
             if changed:
                 warnings.warn(f"{', '.join(changed)} set but ignored with pc_method={self.pc_method!r}: "
                               "the optimizer is IVON (ivon_* and pc_* fields set it)", UserWarning,
@@ -148,3 +171,8 @@ class PCTrainingArguments(TrainingArguments):
     @property
     def corrects(self) -> bool:
         return self.pc_method in ("ivon_pcm", "alpha_svrg") and self.pc_alpha > 0
+
+
+@dataclass
+class PCTrainingArguments(PCArgsMixin, TrainingArguments):
+    """``TrainingArguments`` plus the variational and correction settings (for ``PCTrainer``)."""

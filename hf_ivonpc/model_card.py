@@ -184,6 +184,22 @@ def _usage(trainer, repo: str, posterior, model) -> str:
     return "\n".join(lines)
 
 
+def _trainer_description(trainer) -> str:
+    """Which trainer wrote the card: ``PCTrainer`` over transformers' Trainer, or a combination
+    with another library's trainer (TRL's), named with that library's version."""
+    import sys
+    mro = type(trainer).__mro__
+    ours = next(c for c in mro if c.__module__.split(".")[0] == "hf_ivonpc")
+    # the trainer the mixin is mixed into: the first class after ours that is not ours
+    base = next(c for c in mro[mro.index(ours):] if c.__module__.split(".")[0] != "hf_ivonpc")
+    ours = ours.__name__
+    package = base.__module__.split(".")[0]
+    if package == "transformers":
+        return f"`{ours}`, a `transformers.Trainer` subclass"
+    version = getattr(sys.modules.get(package), "__version__", "")
+    return f"`{ours}`: {package.upper()}'s `{base.__name__}` ({package} {version}) with `PCTrainerMixin`"
+
+
 def render_model_card(trainer, posterior=None, *, language=None, license=None, tags=None,
                       model_name=None, finetuned_from=None, tasks=None, dataset_tags=None,
                       dataset=None, dataset_args=None) -> str:
@@ -230,6 +246,7 @@ def render_model_card(trainer, posterior=None, *, language=None, license=None, t
                          + "."),
         method_title=title, method_description=description[0].upper() + description[1:],
         library_version=__version__,
+        trainer_description=_trainer_description(trainer),
         files_table=_table(files, header=("file", "content")),
         hyperparameters=_hyperparameters(trainer),
         training_data=_training_data(trainer, dataset),

@@ -1,7 +1,11 @@
 """PCTrainer: transformers.Trainer training with IVON, IVON-PCM or alpha-SVRG.
 
 Changing ``Trainer``/``TrainingArguments`` to ``PCTrainer``/``PCTrainingArguments`` is the whole
-change. Per micro-batch, ``training_step`` runs Trainer's own step (same loss, same gradient-
+change. What it does lives in ``PCTrainerMixin``, whose methods each call ``super()``: it goes
+first over any ``Trainer`` subclass whose batches come from its dataset, as in
+``PCTrainer(PCTrainerMixin, Trainer)`` and TRL's trainers in :mod:`hf_ivonpc.trl`. Trainers that
+make their batches inside the training step (TRL's GRPO, RLOO, online DPO) are refused when the
+class is defined. Per micro-batch, ``training_step`` runs Trainer's own step (same loss, same gradient-
 accumulation scaling, same backward) inside ``sampled_params``: at theta_in, and from
 ``pc_start_step`` on also at theta_out with the random state replayed, so that dropout is the
 same in both passes. Before the first micro-batch of a step that needs it, the outer statistics
@@ -39,7 +43,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer
 
-from .args import PCTrainingArguments
+from .args import PCArgsMixin
 from .optim import IVON, IVONPC, AlphaSVRG, MegaBatchSampler
 from .optim.hparams import DEFAULT_SIGMA0, beta2_for_horizon, optimizer_kwargs
 from .optim._base import FlatStateOptimizer
@@ -84,15 +88,55 @@ def _global_stats(opt: FlatStateOptimizer, tensors: list[torch.Tensor]) -> dict[
     return {"sum": s, "sumsq": sq, "count": n, "min": low.item()}
 
 
-class PCTrainer(Trainer):
-    """A ``Trainer`` whose optimizer is IVON, IVON-PCM or alpha-SVRG (``args.pc_method``)."""
+#: trainers that make their own batches inside the training step (generation from the current
+#: weights) without overriding ``_prepare_inputs``; their subclasses are refused too
+ONLINE_TRAINERS = ("OnlineDPOTrainer", "GKDTrainer", "AsyncGRPOTrainer", "AsyncDistillationTrainer",
+                   "PPOTrainer")
+#: where the mixin is supported
+SUPPORTED = ("transformers.Trainer (PCTrainer) and TRL's SFTTrainer and DPOTrainer "
+             "(hf_ivonpc.trl.PCSFTTrainer, PCDPOTrainer), or a Trainer subclass that changes only "
+             "the loss")
 
-    args: PCTrainingArguments
+
+def _online_base(cls: type) -> type | None:
+    """The class in ``cls``'s bases that builds its batches inside the training step: it replaces
+    Trainer's ``_prepare_inputs`` (GRPO, RLOO, the distillation trainers) or is a known online
+    trainer."""
+    for base in cls.__mro__[1:]:
+        if base.__module__.split(".")[0] in ("hf_ivonpc", "transformers", "builtins"):
+            continue
+        if base.__name__ in ONLINE_TRAINERS or "_prepare_inputs" in vars(base):
+            return base
+    return None
+
+
+class PCTrainerMixin:
+    """What ``PCTrainer`` adds to a ``Trainer``: the optimizer (IVON, IVON-PCM or alpha-SVRG,
+    ``args.pc_method``), the two-pass step, the mega-batch, the logs, the posterior predictive in
+    evaluation, the posterior beside every saved model and its model card. Mixed in first, over a
+    ``Trainer`` subclass, with arguments that mix in ``PCArgsMixin``."""
+
+    args: PCArgsMixin
+    #: the arguments class to name in errors
+    args_class_name = "PCTrainingArguments"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        base = _online_base(cls)
+        if base is not None:
+            raise TypeError(
+                f"{cls.__name__} mixes PCTrainerMixin into {base.__name__}, whose data flow the "
+                "two-pass step cannot follow: it generates its training batches inside the training "
+                "step (rollouts or completions from the current weights), so the theta_out pass would "
+                "be evaluated on other samples than theta_in, a mega-batch refresh would generate "
+                "rollouts of its own, and generation would sample at noisy weights. Supported: "
+                f"{SUPPORTED}.")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, PCTrainingArguments):
-            raise ValueError(f"args is a {type(self.args).__name__}: PCTrainer needs PCTrainingArguments")
+        if not isinstance(self.args, PCArgsMixin):
+            raise ValueError(f"args is a {type(self.args).__name__}: {type(self).__name__} needs "
+                             f"{self.args_class_name}")
         self._check_distributed()
         self._mega_sampler: MegaBatchSampler | None = None
         self._pc_logs: dict[str, float] = {}
@@ -255,9 +299,15 @@ class PCTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if opt.correction_active:
             _set_rng_state(state)
-            with self._local_gradients(model, opt), opt.sampled_params(train=True, at="out"):
+            with (self._local_gradients(model, opt), opt.sampled_params(train=True, at="out"),
+                  self._uncounted_pass()):
                 super().training_step(model, inputs, num_items_in_batch)
         return loss
+
+    def _uncounted_pass(self):
+        """Around the passes that are not a new micro-batch (theta_out, the mega-batch): a base
+        trainer that counts its metrics in ``compute_loss`` (TRL's) undoes what they counted."""
+        return contextlib.nullcontext()
 
     def _diagnostics_due(self, opt) -> bool:
         """Whether this step measures the diagnostics: about 8 steps per logging window (in high
@@ -298,7 +348,7 @@ class PCTrainer(Trainer):
                 self.args.pc_megabatch_factor * self._micro_batches_per_step(), seed=self.args.seed)
         model.train()
         losses = []
-        with opt.refreshing():
+        with opt.refreshing(), self._uncounted_pass():
             # the optimizer's count of refreshes made and discarded (in its state_dict) picks the
             # mega-batch: a resumed run draws the same ones, and a refresh discarded for a
             # non-finite micro-batch is not retried on the same examples
@@ -340,7 +390,22 @@ class PCTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
-        feed = {name: v for name, v in inputs.items() if name != "labels"}
+        logp = self._predictive_log_probs(model, {n: v for n, v in inputs.items() if n != "labels"}, k)
+        loss = None
+        if labels is not None:
+            lp, lab = logp, labels
+            if self._is_causal_lm(model):
+                lp, lab = logp[..., :-1, :], labels[..., 1:]
+            loss = torch.nn.functional.nll_loss(lp.reshape(-1, lp.shape[-1]), lab.reshape(-1),
+                                                ignore_index=-100)
+            self._predictive_metrics(lp, lab)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logp, labels
+
+    def _predictive_log_probs(self, model, feed: dict, k: int) -> torch.Tensor:
+        """log of the output probabilities averaged over ``k`` draws from the posterior."""
+        opt = self.pc_optimizer
         train_generator = opt.generator
         opt.generator = torch.Generator(device=train_generator.device).manual_seed(
             self.args.seed + 7919 * (self.state.global_step + 1) + self.args.process_index)
@@ -355,26 +420,26 @@ class PCTrainer(Trainer):
                     probs = p if probs is None else probs.add_(p)
         finally:
             opt.generator = train_generator
-        logp = probs.div_(k).clamp_min_(1e-30).log_()
-        loss = None
-        if labels is not None:
-            lp, lab = logp, labels
-            if self._is_causal_lm(model):
-                lp, lab = logp[..., :-1, :], labels[..., 1:]
-            loss = torch.nn.functional.nll_loss(lp.reshape(-1, lp.shape[-1]), lab.reshape(-1),
-                                                ignore_index=-100)
-        if prediction_loss_only:
-            return loss, None, None
-        return loss, logp, labels
+        return probs.div_(k).clamp_min_(1e-30).log_()
+
+    def _predictive_metrics(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Called with the predictive's log probabilities and the labels they predict (aligned):
+        a base trainer that computes metrics of its own in ``compute_loss`` records them here."""
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         # Trainer logs the metrics dict it returns: log() adds the perplexity to it in place
         return self._add_perplexity(super().evaluate(*args, **kwargs))
 
+    def _loss_is_token_nll(self) -> bool:
+        """Whether the evaluation loss is a mean negative log-likelihood per token (its exp a
+        perplexity): for causal language models."""
+        return self._is_causal_lm(self.model)
+
     def _add_perplexity(self, metrics: dict) -> dict:
-        """``<prefix>_perplexity = exp(<prefix>_loss)`` beside every evaluation loss of a causal LM."""
+        """``<prefix>_perplexity = exp(<prefix>_loss)`` beside every evaluation loss that is a
+        per-token negative log-likelihood."""
         keys = [k for k in metrics if k.endswith("_loss") and k not in ("loss", "train_loss")]
-        if keys and self._is_causal_lm(self.model):
+        if keys and self._loss_is_token_nll():
             for k in keys:
                 metrics[f"{k[:-5]}_perplexity"] = math.exp(min(metrics[k], 700.0))
         return metrics
@@ -483,6 +548,12 @@ class PCTrainer(Trainer):
         Unlike Trainer's card (which names ``args.optim``) it says which method trained the model,
         with every hyperparameter of it, the data, the final metrics, sigma per layer type and a
         snippet that samples from the posterior saved in ``output_dir``."""
+        self._write_model_card(self.args.output_dir, language=language, license=license, tags=tags,
+                               model_name=model_name, finetuned_from=finetuned_from, tasks=tasks,
+                               dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args)
+
+    def _write_model_card(self, posterior_dir: str, **card) -> None:
+        """``README.md`` in ``output_dir``, describing the posterior saved in ``posterior_dir``."""
         if not self.is_world_process_zero():
             return
         import os
@@ -490,11 +561,9 @@ class PCTrainer(Trainer):
 
         from .model_card import render_model_card
         from .posterior import Posterior, atomic_write, find_posterior
-        file = find_posterior(self.args.output_dir)
+        file = find_posterior(posterior_dir)
         posterior = Posterior.from_pretrained(file) if file is not None else None
-        text = render_model_card(self, posterior, language=language, license=license, tags=tags,
-                                 model_name=model_name, finetuned_from=finetuned_from, tasks=tasks,
-                                 dataset_tags=dataset_tags, dataset=dataset, dataset_args=dataset_args)
+        text = render_model_card(self, posterior, **card)
         atomic_write(os.path.join(self.args.output_dir, "README.md"),
                      lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -514,3 +583,7 @@ class PCTrainer(Trainer):
                 remove_posterior(args.output_dir)
             self.create_model_card()
         super()._push_from_checkpoint(checkpoint_folder)
+
+
+class PCTrainer(PCTrainerMixin, Trainer):
+    """A ``Trainer`` whose optimizer is IVON, IVON-PCM or alpha-SVRG (``args.pc_method``)."""

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "hf_ivonpc"
 #: lower layers first; a module may import its own layer and the ones before it
 LAYERS = (("hf_ivonpc.optim",), ("hf_ivonpc.metrics", "hf_ivonpc.plotting"),
           ("hf_ivonpc.posterior", "hf_ivonpc.convert", "hf_ivonpc.model_card", "hf_ivonpc.args",
-           "hf_ivonpc.trainer", "hf_ivonpc"),
+           "hf_ivonpc.trainer", "hf_ivonpc.trl", "hf_ivonpc"),
           ("hf_ivonpc.data",), ("hf_ivonpc.tasks", "hf_ivonpc.__main__"))
 
 
