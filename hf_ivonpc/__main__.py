@@ -18,6 +18,7 @@ COMMANDS = {
     "xsum": ("hf_ivonpc.tasks.xsum", "summarization fine-tuning, ROUGE (App. D.4)"),
     "gsm8k": ("hf_ivonpc.tasks.gsm8k", "LoRA fine-tuning on math word problems, exact match (App. D.4)"),
     "vit": ("hf_ivonpc.tasks.vit", "CLIP ViT fine-tuning for image classification (App. D.4)"),
+    "mcqa": ("hf_ivonpc.tasks.mcqa", "LoRA fine-tuning on multiple-choice questions: calibration, mean vs predictive"),
     "prepare": ("hf_ivonpc.data.prepare", "tokenize a corpus into train.bin / val.bin memmaps"),
     "posterior": ("hf_ivonpc.tasks.posterior", "inspect or convert a posterior"),
     "configs": ("hf_ivonpc.tasks.cli", "list the shipped configs"),
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None):
     if argv[0] not in COMMANDS:
         print(f"hf-ivonpc: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    from .tasks import cli
+    cli.PROG = f"hf-ivonpc {argv[0]}"   # errors name the command as the user typed it
     module = importlib.import_module(COMMANDS[argv[0]][0])
     result = module.main(argv[1:])
     return result if isinstance(result, int) else 0

@@ -48,7 +48,9 @@ def _hp(name: str):
     """The dataclass field of hyperparameter ``name``: default and help from ``optim.hparams``."""
     h = BY_FIELD[name]
     value = None if name in RESOLVED_FIELDS else h.default
-    return field(default=value, metadata={"help": f"{h.help} Accepted: {h.range.text}."})
+    # argparse %-formats help texts: a bare "2%" would break --help
+    text = f"{h.help} Accepted: {h.range.text}.".replace("%", "%%")
+    return field(default=value, metadata={"help": text})
 
 
 def _annotation(name: str):

@@ -21,7 +21,10 @@ same way (same adapter name). Only trainable parameters carry a posterior.
 Large posteriors are sharded as transformers shards weights: above ``max_shard_size`` (default
 "5GB") ``save`` writes ``posterior-00001-of-0000N.safetensors`` ... and
 ``posterior.safetensors.index.json`` ({"metadata": {...header metadata..., "total_size": bytes},
-"weight_map": {tensor name: shard file}}); every shard's header carries the same metadata.
+"weight_map": {tensor name: shard file}}); every shard's header carries the same metadata. A save
+with as many shards as the folder's live index names ``posterior-00001-of-0000N-b.safetensors``
+... instead (and the next one the plain names again): a save never overwrites a shard of the
+posterior it replaces. Readers follow the index's weight_map, whatever the names.
 
 The header's metadata (safetensors metadata is strings; values marked JSON are JSON):
 
@@ -37,11 +40,15 @@ The header's metadata (safetensors metadata is strings; values marked JSON are J
 Methods without a posterior (``pc_method`` "alpha_svrg" and "none") write no posterior file.
 Files are read with safetensors only (nothing is ever unpickled), tensor by tensor, and written
 atomically (temp files in the same folder, then ``os.replace``: a crash while writing leaves the
-previous posterior). A sharded save writes every shard to a temp file first, then renames them
-into place and writes the index last; the previous index is removed before the renames only when
-a new shard would overwrite one of its files, so no index ever points to missing or foreign
-shards (a shard whose header differs from its index is refused on load). Stale files of the
-other layout, or of a previous save's shards, are removed after the new posterior is in place.
+previous posterior). A sharded save writes every shard to a temp file first, renames them into
+place under names the live index does not name, and replaces the index last, atomically (temp
+file, then ``os.replace``); a single-file save renames its file into place before it removes the
+index (which wins over the single file). So at every moment of a save, a kill included, the
+folder holds a loadable posterior: the previous one until the index (or its removal) switches,
+the new one from then on; no index ever points to missing or foreign shards (a shard whose
+header differs from its index is refused on load). The other layout's file and the shards the new
+index does not name (a previous save's, an interrupted save's) are removed once the new posterior
+is in place; the temp files of a killed save (``_tmp-*``, never uploaded) are left.
 
 Command line::
 
@@ -158,14 +165,38 @@ def _layout_names(file: str) -> tuple[str, str, str, Callable[[str], bool]]:
     """(folder, single file name, index name, is-a-shard-name) of a posterior written to ``file``."""
     folder, base = os.path.split(os.path.abspath(file))
     stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
-    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}\.safetensors")
+    pattern = re.compile(re.escape(stem) + r"-\d{5}-of-\d{5}(-[a-z])?\.safetensors")
     return folder, base, base + ".index.json", lambda name: pattern.fullmatch(name) is not None
+
+
+def _shard_names(file: str, n: int, live: set[str]) -> list[str]:
+    """Names of ``n`` shards of a posterior written to ``file``, none of them a file that the
+    folder's live index names: ``<stem>-0000i-of-0000N.safetensors``, or, when the live index
+    uses those (a save with as many shards as the previous one), ``<stem>-0000i-of-0000N-b``,
+    ``-c``, ... (so a save alternates between two sets of names)."""
+    base = os.path.basename(file)
+    stem = base[: -len(".safetensors")] if base.endswith(".safetensors") else base
+    for tag in ("", *(f"-{c}" for c in "bcdefghijklmnopqrstuvwxyz")):
+        names = [f"{stem}-{i:05d}-of-{n:05d}{tag}.safetensors" for i in range(1, n + 1)]
+        if live.isdisjoint(names):
+            return names
+    raise ValueError(f"{os.path.dirname(file)}: its index names every set of shard names")
+
+
+def _live_shards(folder: str, index: str) -> set[str]:
+    """The shard files named by the folder's index; none when there is no readable index (then
+    no sharded posterior loads from the folder: nothing to keep)."""
+    try:
+        with open(os.path.join(folder, index), encoding="utf-8") as f:
+            return {str(v) for v in json.load(f)["weight_map"].values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def find_posterior(folder: str | os.PathLike) -> str | None:
     """The posterior of a folder: its index file (sharded), else ``posterior.safetensors``, else
     None. The index wins when both exist: a save removes the other layout only once the new
-    posterior is in place, and a single-file save removes the index before its rename."""
+    posterior is in place (a single-file save removes the index after its rename)."""
     for name in (POSTERIOR_INDEX_NAME, POSTERIOR_NAME):
         path = os.path.join(os.fspath(folder), name)
         if os.path.isfile(path):
@@ -200,7 +231,7 @@ def copy_posterior(src_folder: str | os.PathLike, dst_folder: str | os.PathLike)
     shards = sorted(set(index["weight_map"].values()))
     sdir = os.path.dirname(src)
     return _commit_sharded(dst, [(n, lambda tmp, n=n: shutil.copyfile(os.path.join(sdir, n), tmp))
-                                 for n in shards], json.dumps(index, indent=2) + "\n")
+                                 for n in shards], index)
 
 
 def _write_text(file: str, text: str) -> None:
@@ -209,13 +240,13 @@ def _write_text(file: str, text: str) -> None:
 
 
 def _commit_single(file: str, write: Callable[[str], None]) -> str:
-    """Write the single-file layout atomically; then remove the sharded layout's stale files."""
+    """Write the single-file layout atomically; then remove the sharded layout's index (which
+    wins over the single file: until it is gone the previous sharded posterior loads) and its
+    shards."""
     folder, _, index, is_shard = _layout_names(file)
-
-    def drop_index():   # the index would win over the new file: gone before the rename
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(folder, index))
-    atomic_write(file, write, before_replace=drop_index)
+    atomic_write(file, write)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, index))
     for name in os.listdir(folder):
         if is_shard(name):
             with contextlib.suppress(FileNotFoundError):
@@ -223,39 +254,42 @@ def _commit_single(file: str, write: Callable[[str], None]) -> str:
     return os.path.abspath(file)
 
 
-def _commit_sharded(file: str, shards: list[tuple[str, Callable[[str], None]]], index_text: str) -> str:
-    """Write every shard to a temp file, rename them into place, write the index last; then
-    remove the single file and the shards of a previous save that the new index does not name."""
-    folder, single, index, is_shard = _layout_names(file)
+def _commit_sharded(file: str, shards: list[tuple[str, Callable[[str], None]]], index: dict) -> str:
+    """Write every shard to a temp file, rename them into place under names that the folder's
+    live index does not name (``_shard_names``), write the index (``index`` with its weight_map's
+    shard names, the keys of ``shards``, mapped to those) atomically; then remove the single file
+    and the shards of a previous save that the new index does not name. The previous posterior
+    loads until the index is replaced, the new one from then on."""
+    folder, single, index_name, is_shard = _layout_names(file)
     os.makedirs(folder, exist_ok=True)
+    names = _shard_names(file, len(shards), _live_shards(folder, index_name))
+    renamed = {given: name for (given, _), name in zip(shards, names)}
+    index = {**index, "weight_map": {k: renamed[v] for k, v in index["weight_map"].items()}}
     tmps: list[tuple[str, str]] = []
     try:
-        for name, write in shards:
+        for (_, write), name in zip(shards, names):
             tmp = _tmp_name(folder, name)
             tmps.append((tmp, name))
             write(tmp)
             _fsync_file(tmp)
-        if any(os.path.exists(os.path.join(folder, name)) for _, name in tmps):
-            # a new shard replaces a file the previous index may name: drop that index first
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(folder, index))
-        while tmps:
+        while tmps:   # onto no file the live index names (a stale one of an interrupted save at most)
             tmp, name = tmps[0]
             os.replace(tmp, os.path.join(folder, name))
             tmps.pop(0)
         _fsync_dir(folder)
-        atomic_write(os.path.join(folder, index), lambda tmp: _write_text(tmp, index_text))
+        atomic_write(os.path.join(folder, index_name),
+                     lambda tmp: _write_text(tmp, json.dumps(index, indent=2) + "\n"))
     except BaseException:
         for tmp, _ in tmps:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
         raise
-    keep = {name for name, _ in shards}
+    keep = set(names)
     for name in os.listdir(folder):
         if name == single or (is_shard(name) and name not in keep):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(folder, name))
-    return os.path.join(folder, index)
+    return os.path.join(folder, index_name)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -439,8 +473,7 @@ class Posterior:
         names = [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
         index = {"metadata": {**meta, "total_size": total},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k, _ in shard}}
-        return _commit_sharded(file, [(name, writer(shard)) for name, shard in zip(names, shards)],
-                               json.dumps(index, indent=2) + "\n")
+        return _commit_sharded(file, [(name, writer(shard)) for name, shard in zip(names, shards)], index)
 
     def save_pretrained(self, save_directory: str | os.PathLike,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
@@ -480,13 +513,15 @@ class Posterior:
 
     @contextlib.contextmanager
     def sample(self, model: torch.nn.Module, seed: int | None = None, *,
-               generator: torch.Generator | None = None) -> Iterator[torch.nn.Module]:
-        """Replace the model's weights by one draw theta = m + sigma * eps for the block.
+               generator: torch.Generator | None = None, sigma_scale: float = 1.0) -> Iterator[torch.nn.Module]:
+        """Replace the model's weights by one draw theta = m + sigma_scale * sigma * eps for the block.
 
         The weights are restored exactly on exit, also on an exception. The draw is determined by
         ``seed`` (or ``generator``; neither: a random draw) and is made on the parameters' device
         (a seed's draw on a GPU differs from its draw on the CPU); sigma is copied there once and
-        kept for the next draws."""
+        kept for the next draws. ``sigma_scale`` (>= 0) widens or narrows the posterior at test
+        time; 0 leaves the weights at the mean exactly."""
+        _check_sigma_scale(sigma_scale)
         params = self.check(model)
         if generator is not None and seed is not None:
             raise ValueError("give seed or generator, not both")
@@ -503,7 +538,10 @@ class Posterior:
                 for n, p in params.items():
                     s = std[n]
                     noise = torch.randn(s.shape, generator=generator, dtype=s.dtype, device=s.device)
-                    noise.mul_(s).add_(p.detach().to(s.device, s.dtype))
+                    noise.mul_(s)
+                    if sigma_scale != 1.0:
+                        noise.mul_(sigma_scale)
+                    noise.add_(p.detach().to(s.device, s.dtype))
                     p.copy_(noise)
             yield model
         finally:
@@ -521,31 +559,52 @@ class Posterior:
         return cached[1]
 
     @torch.no_grad()
-    def predictive(self, model: torch.nn.Module, inputs, n_samples: int, seed: int = 0) -> torch.Tensor:
+    def predictive(self, model: torch.nn.Module, inputs, n_samples: int, seed: int = 0, *,
+                   select=None, return_samples: bool = False, sigma_scale: float = 1.0):
         """Output probabilities averaged over ``n_samples`` draws (the posterior predictive).
 
         ``inputs`` is a dict of model inputs (a ``labels`` entry is dropped) or one tensor. The
         model runs in eval mode (no dropout) and gets its mode back. Probabilities are a softmax
-        over the last axis of the logits, in fp32; the same seed gives the same result."""
+        over the last axis of the logits, in fp32; the same seed gives the same result.
+
+        ``select``: token ids (a sequence or 1-D tensor, e.g. the answer letters " A".." D"); the
+        probabilities are then a softmax over those tokens' logits at the last position only,
+        shape [batch, len(select)] (see :func:`selected_logits`: ``logits_to_keep=1`` where the
+        model accepts it, so memory does not grow with the vocabulary; inputs left-padded). Or a
+        function ``select(model, inputs) -> scores [batch, C]`` run at every draw, whose softmax
+        over the last axis is taken (e.g. the summed log-probabilities of C answer texts).
+        ``return_samples``: also return each draw's probabilities, [n_samples, ...], as
+        ``(mean, samples)``. ``sigma_scale``: sigma multiplied by it in every draw (0: every draw is
+        the mean, and the result equals the mean's prediction bit for bit)."""
         if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
             raise ValueError(f"n_samples={n_samples!r} is invalid: accepted range is an integer >= 1")
         if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
+        _check_sigma_scale(sigma_scale)
+        token_ids = None if select is None or callable(select) else _token_ids(select)
         self.check(model)
         feed = {k: v for k, v in inputs.items() if k != "labels"} if isinstance(inputs, Mapping) else inputs
         generator = torch.Generator(device=_device_of(self.check(model))).manual_seed(seed)
         was_training = model.training
         model.eval()
-        total = None
+        total, draws = None, []
         try:
             for _ in range(n_samples):
-                with self.sample(model, generator=generator):
-                    out = model(**feed) if isinstance(feed, Mapping) else model(feed)
-                probs = _logits(out).float().softmax(-1)
+                with self.sample(model, generator=generator, sigma_scale=sigma_scale):
+                    if token_ids is not None:
+                        logits = selected_logits(model, feed, token_ids)
+                    elif select is not None:
+                        logits = select(model, feed)
+                    else:
+                        logits = _logits(model(**feed) if isinstance(feed, Mapping) else model(feed))
+                probs = logits.float().softmax(-1)
+                if return_samples:
+                    draws.append(probs.clone())
                 total = probs if total is None else total.add_(probs)
         finally:
             model.train(was_training)
-        return total.div_(n_samples)
+        mean = total.div_(n_samples)
+        return (mean, torch.stack(draws)) if return_samples else mean
 
     def load_into_optimizer(self, optimizer, model: torch.nn.Module) -> None:
         """Continue training from this posterior: copy h (and the momentum, when saved) into an
@@ -808,6 +867,55 @@ def _json_entry(meta: dict[str, str], key: str, file: str) -> Any:
 def _device_of(params: dict[str, torch.Tensor]) -> torch.device:
     """The device of the parameters a draw is made for (the first one's)."""
     return next(iter(params.values())).device
+
+
+def _check_sigma_scale(sigma_scale) -> None:
+    if not (isinstance(sigma_scale, (int, float)) and not isinstance(sigma_scale, bool)
+            and math.isfinite(sigma_scale) and sigma_scale >= 0):
+        raise ValueError(f"sigma_scale={sigma_scale!r} is invalid: accepted range is a finite number >= 0")
+
+
+def _token_ids(select, name: str = "select") -> torch.Tensor:
+    ids = torch.as_tensor(select)
+    if ids.ndim != 1 or ids.numel() < 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool \
+            or (ids < 0).any():
+        raise ValueError(f"{name}={select!r} is invalid: accepted are token ids (a non-empty sequence or 1-D "
+                         "tensor of integers >= 0)")
+    return ids.long()
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """The model's forward (through DDP's ``module`` and peft's base model) takes ``logits_to_keep``."""
+    import inspect
+
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def selected_logits(model: torch.nn.Module, inputs, token_ids) -> torch.Tensor:
+    """Logits of ``token_ids`` at the last position, [batch, len(token_ids)] (a multiple-choice
+    answer's letters: their softmax is the answer distribution). The model computes the last
+    position only (``logits_to_keep=1``) where its forward accepts it. The last position must be
+    each row's last token: inputs with an ``attention_mask`` must be left-padded. Gradients flow
+    (a training loss may use it)."""
+    ids = _token_ids(token_ids, "token_ids")
+    feed = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
+    feed.pop("labels", None)
+    mask = feed.get("attention_mask")
+    if mask is not None and mask.ndim == 2 and not bool(mask[:, -1].all()):
+        raise ValueError("inputs has an attention_mask ending in padding: accepted are left-padded inputs "
+                         "(tokenizer.padding_side = 'left'), whose last position is every row's last token")
+    if _accepts_logits_to_keep(model):
+        feed["logits_to_keep"] = 1
+    logits = _logits(model(**feed))[:, -1]
+    if int(ids.max()) >= logits.shape[-1]:
+        raise ValueError(f"token_ids holds {int(ids.max())}: accepted range is 0 to {logits.shape[-1] - 1} "
+                         "(the model's vocabulary)")
+    return logits[:, ids.to(logits.device)]
 
 
 def _logits(out) -> torch.Tensor:

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from hf_ivonpc import PCTrainingArguments
-from hf_ivonpc.tasks import continual, gsm8k, pretrain, vit, xsum
+from hf_ivonpc.tasks import continual, gsm8k, mcqa, pretrain, vit, xsum
 from hf_ivonpc.tasks.cli import CONFIGS, ConfigError, list_configs, parse_args, read_config
 
 # config-name prefix -> (workload module, its arguments dataclass)
 WORKLOADS = {"pretrain": (pretrain, pretrain.PretrainArguments),
              "continual": (continual, continual.ContinualArguments),
              "xsum": (xsum, xsum.XsumArguments), "gsm8k": (gsm8k, gsm8k.GSM8kArguments),
-             "vit": (vit, vit.ViTArguments)}
+             "vit": (vit, vit.ViTArguments), "mcqa": (mcqa, mcqa.MCQAArguments)}
 CONFIG_NAMES = sorted(list_configs())
 
 
@@ -80,6 +80,9 @@ def _overrides(prefix: str, tmp, lm: str, clip: str) -> list[str]:
         return ["--model_name_or_path", lm, "--dataset", "gsm_symbolic", "--model_dtype", "float32",
                 "--max_train_samples", "24", "--max_eval_samples", "2", "--max_predict_samples", "1",
                 "--max_length", "48"]
+    if prefix == "mcqa":
+        return ["--model_name_or_path", lm, "--model_dtype", "float32", "--max_train_samples", "24",
+                "--selection_size", "4", "--max_eval_samples", "2"]
     return ["--model_name_or_path", clip, "--dataset", "textiles", "--max_train_samples", "32",
             "--max_eval_samples", "4", "--zero_shot_eval", "false"]
 

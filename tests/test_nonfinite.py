@@ -173,7 +173,6 @@ def test_parameters_given_as_generators_as_torch_optim_takes_them():
 
 WORKER = r"""
 import os, sys, torch
-sys.path.insert(0, sys.argv[2])
 import torch.distributed as dist
 from hf_ivonpc.optim import IVONPC
 from _problems import loss_fn, make_data, make_params
@@ -215,9 +214,10 @@ def test_a_nan_on_one_of_two_ranks_skips_the_step_on_both(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     tests = Path(__file__).resolve().parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tests.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_port=29631", str(script), str(tmp_path), str(tests)],
+                           "--master_port=29631", str(script), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     for r in (0, 1):

