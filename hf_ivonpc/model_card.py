@@ -232,7 +232,7 @@ def render_model_card(trainer, posterior=None, *, language=None, license=None, t
     files = [("model.safetensors, config.json" if not peft else "adapter_model.safetensors, adapter_config.json",
               "the weights (the posterior mean when a posterior is saved), for `from_pretrained`")]
     if posterior is not None:
-        files.append(("posterior.safetensors (or posterior-0000i-of-0000N.safetensors with an index)",
+        files.append(("posterior.safetensors (or posterior-0000i-of-0000N[-b].safetensors shards with their index)",
                       "h and momentum per trainable parameter (sigma follows from h, ess and weight decay); "
                       "metadata in its header (method, ess, weight decay, hess_init, step, version)"))
     files.append(("README.md", "this card"))

@@ -28,7 +28,10 @@ what a run without that step (refresh) computes. A discarded refresh keeps the p
 statistics (before the first refresh, the correction waits for the next good one). The counts are
 in ``counters`` (``skipped_steps``, ``skipped_refreshes``, ``consecutive_skips``), and
 ``max_skipped_steps`` consecutive skips raise a ``NonFiniteError`` naming the step and the pass.
-Under DDP or FSDP the ranks agree: the flags are summed over the ranks before the decision.
+The ranks that share a step agree: with sharded parameters (FSDP) and with ``sync`` (each rank
+collects its own micro-batches, as PCTrainer's DDP runs do) the flags are summed over the ranks
+before the decision; under DDP without ``sync`` the gradients are all-reduced, so every rank sees
+the same ones.
 """
 
 from __future__ import annotations
@@ -200,13 +203,16 @@ class SamplingProtocol:
         self._nonfinite[i:i + 1].add_((~torch.isfinite(norm)).to(self._nonfinite.dtype).reshape(1))
 
     def _nonfinite_passes(self) -> list[str]:
-        """The roles whose collected gradients were not finite, on any rank (one all-reduce of
-        three numbers when distributed, and the one synchronization of the step)."""
+        """The roles whose collected gradients were not finite, on any rank that shares the step
+        (one all-reduce of three numbers over the shard group, or over all ranks with ``sync``,
+        where each rank collects its own micro-batches; with DDP's all-reduced gradients and no
+        ``sync`` every rank sees the same gradients, so the same flags). The step's one
+        synchronization."""
         flags = self._nonfinite
         if self._shard_group is not None:
             flags = flags.clone()
             torch.distributed.all_reduce(flags, group=self._shard_group)
-        elif distributed():
+        elif self.sync and distributed():
             flags = flags.clone()
             torch.distributed.all_reduce(flags)
         return [r for r, f in zip(SAMPLE_ROLES, flags.tolist()) if f > 0]
