@@ -19,8 +19,8 @@ optimizer's accumulators and ``p.grad`` is set to ``None``, so the next pass sta
 Parameters whose ``grad`` is None are skipped: their mean and state stay as they are.
 
 Non-finite gradients (a NaN or inf loss, a bf16 overflow) never reach the state. Each collection
-checks the norm of the gradients it takes (the clipping norm where ``max_grad_norm`` is set, no
-extra pass; otherwise one reduction over the gradients). ``step()`` then skips a step whose
+checks one number of the gradients it takes (the clipping norm where ``max_grad_norm`` is set, no
+extra pass; otherwise the sum of each gradient tensor). ``step()`` then skips a step whose
 theta_in or theta_out gradients were not finite, and the end of ``refreshing()`` discards a
 mega-batch with a non-finite micro-batch: the mean, h, the momentum, the outer statistics and the
 generator stay as they were before the step's (the refresh's) first draw, so what follows is
