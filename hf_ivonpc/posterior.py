@@ -625,18 +625,24 @@ class Posterior:
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> list[dict]:
-        """Per layer type (see ``LAYER_TYPES``): tensors, elements, sigma's mean, min and max, and
-        how far h moved from its initial value h0 (median and 99th percentile of |h - h0| / h0,
-        from at most 65,536 evenly spaced elements per tensor). A posterior whose h has not moved
-        is its initialisation: sigma then says nothing about the data."""
+        """Per layer type (see ``LAYER_TYPES``): tensors, elements, sigma's mean, min and max, how
+        far h moved from its initial value h0 (median and 99th percentile of |h - h0| / h0, from at
+        most 65,536 evenly spaced elements per tensor), and the share of entries whose sigma
+        exceeds the prior's 1 / sqrt(ess x weight_decay) (``above_prior_share``): those with
+        h < 0, which IVON's update allows as long as h + weight_decay > 0 (where weight_decay is
+        0 the prior is flat and nothing exceeds it). A posterior whose h has not moved is its
+        initialisation: sigma then says nothing about the data."""
         h0 = {n: g.get("hess_init") for g in self.groups for n in g["params"]}
+        decay = {n: g.get("weight_decay", 0.0) for g in self.groups for n in g["params"]}
         acc: dict[str, dict] = {}
         for n in self.names:
             s = self.std[n].double()
-            row = acc.setdefault(layer_type(n), {"tensors": 0, "elements": 0, "sum": 0.0,
+            row = acc.setdefault(layer_type(n), {"tensors": 0, "elements": 0, "sum": 0.0, "above": 0,
                                                  "min": math.inf, "max": -math.inf, "moved": []})
             row["tensors"] += 1
             row["elements"] += s.numel()
+            if decay.get(n):
+                row["above"] += int((self.hess[n] < 0).sum().item())
             row["sum"] += s.sum().item()
             row["min"] = min(row["min"], s.min().item())
             row["max"] = max(row["max"], s.max().item())
@@ -651,7 +657,8 @@ class Posterior:
                 continue
             a = acc[k]
             r = {"layer_type": k, "tensors": a["tensors"], "elements": a["elements"],
-                 "std_mean": a["sum"] / a["elements"], "std_min": a["min"], "std_max": a["max"]}
+                 "std_mean": a["sum"] / a["elements"], "std_min": a["min"], "std_max": a["max"],
+                 "above_prior_share": a["above"] / a["elements"]}
             if a["moved"]:
                 q = torch.quantile(torch.cat(a["moved"]), torch.tensor([0.5, 0.99], dtype=torch.float64))
                 r["h_moved_median"], r["h_moved_p99"] = q.tolist()
@@ -661,12 +668,13 @@ class Posterior:
     def format_summary(self) -> str:
         """``summary()`` as a Markdown table."""
         lines = ["| layer type | tensors | elements | sigma mean | sigma min | sigma max | "
-                 "\\|h - h0\\| / h0 median, p99 |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+                 "sigma > prior's | \\|h - h0\\| / h0 median, p99 |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in self.summary():
             moved = (f"{r['h_moved_median']:.3g}, {r['h_moved_p99']:.3g}" if "h_moved_median" in r else "")
             lines.append(f"| {r['layer_type']} | {r['tensors']} | {r['elements']:,} | "
-                         f"{r['std_mean']:.3e} | {r['std_min']:.3e} | {r['std_max']:.3e} | {moved} |")
+                         f"{r['std_mean']:.3e} | {r['std_min']:.3e} | {r['std_max']:.3e} | "
+                         f"{100 * r['above_prior_share']:.2f}% | {moved} |")
         return "\n".join(lines)
 
     def describe(self) -> str:

@@ -655,3 +655,23 @@ def test_summary_says_how_far_h_moved_from_h0():
     assert rows["attention"]["h_moved_median"] == pytest.approx(2.0)
     assert rows["mlp"]["h_moved_median"] == 0.0 and rows["mlp"]["h_moved_p99"] == 0.0
     assert "| attention |" in Posterior.from_optimizer(opt, model).format_summary()
+    assert all(r["above_prior_share"] == 0.0 for r in rows.values())
+
+
+def test_summary_counts_the_entries_whose_sigma_exceeds_the_priors():
+    """h < 0 (with h + weight_decay > 0) makes sigma wider than the prior's 1 / sqrt(ess wd)."""
+    from hf_ivonpc.optim import IVON
+    model = tiny_gpt2()
+    wd, ess = 1e-2, 100.0
+    opt = IVON(model.parameters(), lr=0.1, ess=ess, hess_init=0.5, weight_decay=wd)
+    named = dict(model.named_parameters())
+    wte = named["transformer.wte.weight"]
+    with torch.no_grad():
+        opt.state[wte]["hess"][:2].fill_(-0.5 * wd)   # two rows of the embedding
+    post = Posterior.from_optimizer(opt, model)
+    rows = {r["layer_type"]: r for r in post.summary()}
+    expected = 2 * wte.shape[1] / rows["embeddings"]["elements"]
+    assert rows["embeddings"]["above_prior_share"] == pytest.approx(expected)
+    assert rows["embeddings"]["std_max"] > (ess * wd) ** -0.5     # wider than the prior indeed
+    assert all(r["above_prior_share"] == 0.0 for k, r in rows.items() if k != "embeddings")
+    assert f"{100 * expected:.2f}%" in post.format_summary()
