@@ -5,11 +5,12 @@ schedule and correction settings as the file gives them). Config mistakes fail c
 import math
 
 import pytest
-import torch
 
 from hf_ivonpc import PCTrainingArguments
 from hf_ivonpc.tasks import continual, gsm8k, mcqa, pretrain, vit, xsum
 from hf_ivonpc.tasks.cli import CONFIGS, ConfigError, list_configs, parse_args, read_config
+
+from _tiny_lm import save_tiny_llama
 
 # config-name prefix -> (workload module, its arguments dataclass)
 WORKLOADS = {"pretrain": (pretrain, pretrain.PretrainArguments),
@@ -41,19 +42,7 @@ def _eager(eager_kernels):
 @pytest.fixture(scope="module")
 def tiny_causal_lm(tmp_path_factory):
     """A one-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_ivonpc.tasks.sft import load_tokenizer
-
-    tok = load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=128)
 
 
 @pytest.fixture(scope="module")

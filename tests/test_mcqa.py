@@ -14,6 +14,8 @@ import torch
 from hf_ivonpc.data import mcqa as D
 from hf_ivonpc.tasks import mcqa as M
 
+from _tiny_lm import save_tiny_llama
+
 ARC = [  # (id, question, answer texts, gold)
     ("q1", "Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"], 1),
     ("q2", "What melts ice?", ["heat", "cold", "salt water", "darkness"], 0),
@@ -119,19 +121,7 @@ def test_collator_pads_on_the_left():
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     """A one-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from hf_ivonpc.tasks.sft import load_tokenizer
-
-    tok = load_tokenizer("smollm2")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=256)
 
 
 def test_loss_is_the_cross_entropy_over_the_answer_letters(tiny_llama_dir):

