@@ -37,15 +37,15 @@ def first_windows(n: int) -> torch.utils.data.Dataset:
     return torch.utils.data.Subset(CharWindows(), range(n))
 
 
-def save_tiny_llama(path, max_positions: int = 256) -> str:
-    """A one-layer Llama with SmolLM2's tokenizer, saved as a local model folder at ``path``."""
+def save_tiny_llama(path, max_positions: int = 256, num_layers: int = 1) -> str:
+    """A Llama of ``num_layers`` layers with SmolLM2's tokenizer, saved as a local model folder at ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_ivonpc.tasks.sft import load_tokenizer
 
     tok = load_tokenizer("smollm2")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=num_layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=max_positions,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(path)

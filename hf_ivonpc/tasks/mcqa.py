@@ -48,10 +48,10 @@ import numpy as np
 import torch
 
 from ..args import PCTrainingArguments
-from ..posterior import selected_logits
 from ..trainer import PCTrainer
 from .. import uncertainty as U
 from .cli import run_workload
+from ..trunk import decoder_of
 from .sft import CausalLMArguments, load_lora_model, load_tokenizer
 
 
@@ -82,8 +82,17 @@ class MCQAArguments(CausalLMArguments):
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: str = field(default="q_proj,v_proj", metadata={
+    lora_target_modules: str = field(default="all-linear", metadata={
         "help": "modules given adapters: 'all-linear' or a comma-separated list such as q_proj,v_proj"})
+    lora_top_layers: int = field(default=4, metadata={
+        "help": "adapters in the top N decoder layers only (0: every layer); the frozen layers below are "
+                "then computed once per question (see trunk_cache)"})
+    trunk_cache: bool = field(default=True, metadata={
+        "help": "with lora_top_layers > 0: compute the frozen layers' states once per question and run only "
+                "the top layers in every step and posterior draw (checked against the full forward first)"})
+    answer_format: str = field(default="cloze", metadata={
+        "help": "cloze: each choice's text scored after 'Question: ...\\nAnswer:' (summed log-probabilities, "
+                "softmax over the choices); letter: the letter prompt, softmax over the letters' logits"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate the model before fine-tuning (base_* metrics, at the weights loaded)"})
 
@@ -110,17 +119,43 @@ def answer_token_ids(tokenizer, n: int) -> list[int]:
 
 
 class MCQADataset(torch.utils.data.Dataset):
-    """Tokenized letter prompts (``input_ids``, the end kept when longer than ``max_length``) and
-    the gold choice (``labels``, an integer)."""
+    """Tokenized questions: per question the token ids of the sequences its answer is scored on
+    (``seqs``), the gold choice (``labels``) and, in the cloze format, the number of answer tokens
+    ending each sequence (``cont``).
 
-    def __init__(self, tokenizer, questions, max_length: int | None = None):
+    - ``letter``: one sequence, the letter prompt (its end kept when longer than ``max_length``).
+    - ``cloze``: one sequence per choice, ``cloze_prompt`` followed by `` " " + choice`` (tokenized
+      apart, as evaluation harnesses do; the prompt's end kept when the whole is too long).
+
+    :meth:`attach_trunk` adds each sequence's hidden states under a :class:`~hf_ivonpc.trunk.TrunkSplit`
+    (``hidden``); the collator then feeds those instead of the token ids."""
+
+    def __init__(self, tokenizer, questions, max_length: int | None = None, answer_format: str = "cloze"):
+        if answer_format not in FORMATS:
+            raise ValueError(f"answer_format={answer_format!r} is invalid: accepted are {', '.join(FORMATS)}")
         self.questions = list(questions)
+        self.answer_format = answer_format
         self.examples = []
         for q in self.questions:
-            ids = tokenizer(q.prompt)["input_ids"]
-            if max_length is not None and len(ids) > max_length:
-                ids = ids[-max_length:]
-            self.examples.append({"input_ids": ids, "labels": q.gold})
+            if answer_format == "letter":
+                ids = tokenizer(q.prompt)["input_ids"]
+                self.examples.append({"seqs": [ids[-max_length:] if max_length else ids], "labels": q.gold})
+                continue
+            if not q.cloze_prompt:
+                raise ValueError(f"question {q.id} ({q.source}) has no cloze prompt: answer_format='cloze' "
+                                 "needs answer texts; accepted is answer_format='letter' for this data set")
+            ctx = tokenizer(q.cloze_prompt)["input_ids"]
+            seqs, cont = [], []
+            for choice in q.choices:
+                ans = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+                if max_length is not None:
+                    ans = ans[:max_length - 1]
+                    room = max_length - len(ans)
+                    seqs.append(ctx[-room:] + ans)
+                else:
+                    seqs.append(ctx + ans)
+                cont.append(len(ans))
+            self.examples.append({"seqs": seqs, "cont": cont, "labels": q.gold})
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -128,38 +163,173 @@ class MCQADataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.examples[i]
 
+    def length(self, i: int) -> int:
+        return max(len(s) for s in self.examples[i]["seqs"])
 
-class LeftPadCollator:
-    """Left padding, so that the last position is every prompt's last token."""
+    def attach_trunk(self, model, split, collate, batch_size: int, memo: dict | None = None) -> float:
+        """Compute every sequence's trunk states once (batches of similar length, each row's real
+        positions kept, in the model's dtype); returns the seconds spent. ``memo`` (token ids ->
+        states) supplies the sequences it holds and receives the others: runs on the same frozen
+        trunk (one process, several seeds or methods) compute each sequence once."""
+        t = time.perf_counter()
+        device = next(model.parameters()).device
+        memo = {} if memo is None else memo
+        todo = sorted({tuple(s) for ex in self.examples for s in ex["seqs"]} - memo.keys(), key=len)
+        was = model.training
+        model.eval()
+        try:
+            for start in range(0, len(todo), batch_size):
+                seqs = todo[start:start + batch_size]
+                ids, mask = collate.pad(seqs)
+                states = split.states(model, ids.to(device), mask.to(device)).cpu()
+                for row, seq in enumerate(seqs):
+                    memo[seq] = states[row, ids.shape[1] - len(seq):].clone()
+                print(f"\rtrunk states: {start + len(seqs)}/{len(todo)} sequences", end="", flush=True)
+            if todo:
+                print()
+        finally:
+            model.train(was)
+        for ex in self.examples:
+            ex["hidden"] = [memo[tuple(s)] for s in ex["seqs"]]
+        return time.perf_counter() - t
+
+
+#: trunk states by (model, dtype, first layer): reused by every run of one process (see attach_trunk)
+TRUNK_MEMO: dict[tuple, dict] = {}
+
+
+FORMATS = ("cloze", "letter")
+
+
+class MCCollator:
+    """Left padding (every sequence ends in the last column) of the questions' sequences, flattened
+    question by question: ``attention_mask`` [R, T] and ``input_ids`` [R, T], or ``hidden_states``
+    [R, T, d] where the trunk's states are attached; in the cloze format the last K token ids
+    (``target_ids`` [R, K], K the longest answer) and which of them are answer tokens
+    (``cont_mask``); ``labels`` [B]."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
 
+    def pad(self, seqs) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.as_tensor(s)
+            mask[i, width - len(s):] = 1
+        return ids, mask
+
     def __call__(self, rows: Sequence[dict]) -> dict:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, width - n:] = torch.as_tensor(r["input_ids"])
-            mask[i, width - n:] = 1
-        return {"input_ids": ids, "attention_mask": mask,
-                "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long)}
+        seqs = [s for r in rows for s in r["seqs"]]
+        ids, mask = self.pad(seqs)
+        batch = {"attention_mask": mask,
+                 "labels": torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long)}
+        if all("hidden" in r for r in rows):
+            states = [h for r in rows for h in r["hidden"]]
+            hidden = states[0].new_zeros((len(states), ids.shape[1], states[0].shape[-1]))
+            for i, h in enumerate(states):
+                hidden[i, ids.shape[1] - h.shape[0]:] = h
+            batch["hidden_states"] = hidden
+        else:
+            batch["input_ids"] = ids
+        if "cont" in rows[0]:
+            cont = [n for r in rows for n in r["cont"]]
+            k = max(cont)
+            batch["target_ids"] = ids[:, -k:]
+            batch["cont_mask"] = (torch.arange(k) >= k - torch.tensor(cont)[:, None]).to(torch.float32)
+        return batch
+
+
+class AnswerScorer:
+    """``scorer(model, batch) -> logits [B, C]`` whose softmax is the answer distribution, with
+    gradients: the letters' logits at the last position (letter format: ``answer_ids``; the model
+    computes that position only) or each choice's summed answer-token log-probabilities (cloze: the
+    LM head is applied to the positions predicting answer tokens only, about 4 per choice, not to
+    every position). From the trunk's states where the batch carries them (``split``)."""
+
+    def __init__(self, num_choices: int, answer_ids: Sequence[int] | None = None, split=None):
+        self.num_choices = num_choices
+        self.answer_ids = None if answer_ids is None else torch.tensor(list(answer_ids), dtype=torch.long)
+        self.split = split
+
+    def __call__(self, model, batch) -> torch.Tensor:
+        from ..trunk import decoder_of, positions
+
+        mask = batch["attention_mask"]
+        if "hidden_states" in batch and self.split is None:
+            raise ValueError("the batch carries trunk states but the scorer has no TrunkSplit")
+        if "target_ids" not in batch:   # letter format
+            if "hidden_states" in batch:
+                logits = self.split.logits(model, batch["hidden_states"], mask, 1)
+            else:
+                out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                            use_cache=False, logits_to_keep=1)
+                logits = out.logits if hasattr(out, "logits") else out[0]
+            return logits[:, -1, self.answer_ids.to(logits.device)]
+        if "hidden_states" in batch:
+            states = self.split.final_states(model, batch["hidden_states"], mask)
+        else:
+            out = decoder_of(model)(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                                    use_cache=False)
+            states = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        k = batch["target_ids"].shape[1]
+        keep = batch["cont_mask"].bool()
+        rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
+        head = _unwrap(model).get_output_embeddings()
+        logp = head(states[:, -k - 1:-1][keep]).float().log_softmax(-1)
+        picked = logp.gather(-1, batch["target_ids"][keep][:, None]).squeeze(-1)
+        scores = picked.new_zeros(keep.shape[0]).index_add(0, rows, picked)
+        return scores.view(-1, self.num_choices)
+
+    @torch.no_grad()
+    def check(self, model, batch, rtol: float = 1e-4) -> float:
+        """The largest difference, relative to the largest score, between this scorer's cloze scores
+        and the same scores from the model's own full logits on ``batch`` (token ids); raises where
+        it exceeds ``rtol``: the model does more to its logits than its output embeddings (a soft
+        cap, a scale) and the scorer would be wrong."""
+        from ..trunk import positions
+
+        if "target_ids" not in batch:
+            return 0.0
+        mask = batch["attention_mask"]
+        was = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions(mask),
+                           use_cache=False).logits
+            k = batch["target_ids"].shape[1]
+            logp = logits[:, -k - 1:-1].float().log_softmax(-1).gather(-1, batch["target_ids"][..., None])[..., 0]
+            ref = (logp * batch["cont_mask"]).sum(-1).view(-1, self.num_choices)
+            got = self(model, {k: v for k, v in batch.items() if k != "hidden_states"})
+        finally:
+            model.train(was)
+        diff = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+        if not diff <= rtol:
+            raise ValueError(f"the cloze scores from the output embeddings differ from the model's own logits "
+                             f"(relative {diff:.3g} > {rtol:g}): this model transforms its logits further; "
+                             "accepted is answer_format='letter' for it")
+        return diff
+
+
+def _unwrap(model):
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 class MCQATrainer(PCTrainer):
-    """A PCTrainer whose loss is the cross-entropy over the answer tokens at the last position
-    (in training, in the mega-batch refreshes and in Trainer's evaluation loss)."""
+    """A PCTrainer whose loss is the cross-entropy of the answer distribution (:class:`AnswerScorer`)
+    against the gold choice, in training, in the mega-batch refreshes and in Trainer's evaluation
+    loss."""
 
-    def __init__(self, *args, answer_ids: Sequence[int], **kwargs):
+    def __init__(self, *args, scorer: AnswerScorer, **kwargs):
         super().__init__(*args, **kwargs)
-        self.answer_ids = torch.tensor(list(answer_ids), dtype=torch.long)
+        self.scorer = scorer
         # the loss is a mean over the batch: Trainer divides it for gradient accumulation
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        feed = {k: v for k, v in inputs.items() if k != "labels"}
-        logits = selected_logits(model, feed, self.answer_ids)
+        logits = self.scorer(model, inputs)
         loss = torch.nn.functional.cross_entropy(logits.float(), inputs["labels"])
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -174,17 +344,18 @@ class MCQATrainer(PCTrainer):
         return loss.detach(), out["logits"].detach(), inputs["labels"]
 
 
-def answer_probabilities(model, dataset: MCQADataset, collate, answer_ids, batch_size: int,
+def answer_probabilities(model, dataset: MCQADataset, collate, scorer: AnswerScorer, batch_size: int,
                          posterior=None, n_samples: int = 0, seed: int = 0, sigma_scale: float = 1.0,
                          autocast=None) -> dict:
     """The answer distributions of ``dataset``'s questions at the weights ``model`` holds
     (``mean`` [N, C]) and, with a posterior and ``n_samples`` > 0, from each of its draws (``draws``
     [S, N, C]; the same S draws for every batch), in the dataset's order, and the seconds spent.
-    Batches group prompts of similar length."""
+    Batches group questions of similar length; ``batch_size`` counts questions."""
     device = next(model.parameters()).device
-    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))
-    mean = np.zeros((len(dataset), len(answer_ids)))
-    draws = np.zeros((n_samples, len(dataset), len(answer_ids))) if posterior is not None and n_samples else None
+    order = sorted(range(len(dataset)), key=dataset.length)
+    c = scorer.num_choices
+    mean = np.zeros((len(dataset), c))
+    draws = np.zeros((n_samples, len(dataset), c)) if posterior is not None and n_samples else None
     seconds = {"mean": 0.0, "draws": 0.0}
     was_training = model.training
     model.eval()
@@ -196,12 +367,12 @@ def answer_probabilities(model, dataset: MCQADataset, collate, answer_ids, batch
             feed = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             t = time.perf_counter()
             with torch.no_grad(), ctx():
-                mean[idx] = selected_logits(model, feed, answer_ids).float().softmax(-1).cpu().double().numpy()
+                mean[idx] = scorer(model, feed).float().softmax(-1).cpu().double().numpy()
             seconds["mean"] += time.perf_counter() - t
             if draws is not None:
                 t = time.perf_counter()
-                with ctx():
-                    _, per_draw = posterior.predictive(model, feed, n_samples, seed=seed, select=answer_ids,
+                with torch.no_grad(), ctx():
+                    _, per_draw = posterior.predictive(model, feed, n_samples, seed=seed, select=scorer,
                                                        return_samples=True, sigma_scale=sigma_scale)
                 draws[:, idx] = per_draw.cpu().double().numpy()
                 seconds["draws"] += time.perf_counter() - t
@@ -240,7 +411,7 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
     model = trainer.accelerator.unwrap_model(trainer.model)
     posterior = trainer.posterior() if n_samples else None
     collate = trainer.data_collator
-    kw = dict(collate=collate, answer_ids=trainer.answer_ids, batch_size=trainer.args.per_device_eval_batch_size,
+    kw = dict(collate=collate, scorer=trainer.scorer, batch_size=trainer.args.per_device_eval_batch_size,
               posterior=posterior, n_samples=n_samples if posterior is not None else 0,
               seed=trainer.args.seed, sigma_scale=sigma_scale, autocast=trainer.accelerator.autocast)
     results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
@@ -339,22 +510,51 @@ def load_sets(args: MCQAArguments, seed: int):
 def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQATrainer, dict]:
     if args.num_choices < 2:
         raise ValueError(f"num_choices={args.num_choices} is invalid: accepted range is an integer >= 2")
+    if args.answer_format not in FORMATS:
+        raise ValueError(f"answer_format={args.answer_format!r} is invalid: accepted are {', '.join(FORMATS)}")
+    if args.lora_top_layers < 0:
+        raise ValueError(f"lora_top_layers={args.lora_top_layers} is invalid: accepted range is an integer >= 0 "
+                         "(0: adapters in every layer)")
     tokenizer = load_tokenizer(args.model_name_or_path)
     seed = targs.data_seed if targs.data_seed is not None else targs.seed
     train_q, selection_q, eval_q = load_sets(args, seed)
-    train = MCQADataset(tokenizer, train_q, args.max_length)
-    selection = MCQADataset(tokenizer, selection_q, args.max_length)
-    sets = {name: MCQADataset(tokenizer, qs, args.max_length) for name, qs in eval_q.items()}
-    answer_ids = answer_token_ids(tokenizer, args.num_choices)
+
+    def tokenized(qs):
+        return MCQADataset(tokenizer, qs, args.max_length, args.answer_format)
+
+    train, selection = tokenized(train_q), tokenized(selection_q)
+    sets = {name: tokenized(qs) for name, qs in eval_q.items()}
+    collate = MCCollator(tokenizer.pad_token_id)
 
     model, n_params, n_trainable = load_lora_model(args, targs.seed)
+    split = None
+    n_layers = len(decoder_of(model).layers)
+    if args.trunk_cache and 0 < args.lora_top_layers < n_layers:
+        from ..trunk import TrunkSplit
+
+        split = TrunkSplit(model, n_layers - args.lora_top_layers)
+    answer_ids = answer_token_ids(tokenizer, args.num_choices) if args.answer_format == "letter" else None
+    scorer = AnswerScorer(args.num_choices, answer_ids, split)
+    probe = collate([train[i] for i in range(min(2, len(train)))])
+    scorer.check(model, probe)
+    if split is not None:
+        split.check(model, probe["input_ids"], probe["attention_mask"])
+    trunk_seconds = 0.0
+    if split is not None:
+        memo = TRUNK_MEMO.setdefault((args.model_name_or_path, args.model_dtype, split.first_layer), {})
+        for ds in (train, selection, *sets.values()):
+            trunk_seconds += ds.attach_trunk(model, split, collate, 4 * targs.per_device_eval_batch_size, memo)
     if targs.process_index == 0:
         sizes = ", ".join(f"{name} {len(ds)}" for name, ds in sets.items())
-        print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r}: {n_trainable / 1e6:.2f}M "
-              f"trainable of {n_params / 1e6:.1f}M parameters; {len(train)} training and {len(selection)} "
-              f"selection questions ({args.train_dataset}); evaluation: {sizes}; pc_method={targs.pc_method}")
+        where = f"top {args.lora_top_layers} layers" if args.lora_top_layers else "every layer"
+        print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r} ({where}): {n_trainable / 1e6:.2f}M "
+              f"trainable of {n_params / 1e6:.1f}M parameters; {args.answer_format} format; {len(train)} training "
+              f"and {len(selection)} selection questions ({args.train_dataset}); evaluation: {sizes}; "
+              f"pc_method={targs.pc_method}"
+              + (f"; trunk states computed once in {trunk_seconds:.0f} s" if split is not None else ""))
+    targs.remove_unused_columns = False   # the rows are sequences to score, not model inputs
     trainer = MCQATrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer,
-                          data_collator=LeftPadCollator(tokenizer.pad_token_id), answer_ids=answer_ids)
+                          data_collator=collate, scorer=scorer)
 
     def evaluate(prefix: str) -> dict:
         k = targs.eval_mc_samples if prefix != "base" else 0
@@ -363,6 +563,7 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
 
     return trainer, dict(dataset=args.train_dataset, tags=("lora", "multiple-choice"),
                          metrics={"n_params": n_params, "n_trainable_params": n_trainable,
+                                  "trunk_seconds": trunk_seconds,
                                   "train_examples": len(train), "selection_examples": len(selection)},
                          evaluate=evaluate, before="base" if args.eval_before_training else None,
                          plot_keys=("loss", "pc/sigma_mean"))

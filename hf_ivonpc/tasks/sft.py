@@ -68,7 +68,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     """``AutoModelForCausalLM`` from ``name_or_path`` (attention: flash-attention 2 on a GPU where it
     is installed, else sdpa, unless ``attn_implementation`` names one); wrapped by peft's LoRA when ``lora`` holds
     ``LoraConfig`` keywords (then only the adapters require gradients, so only they reach the
-    optimizer and get a posterior)."""
+    optimizer and get a posterior); ``top_layers=N`` among them puts adapters in the top N decoder
+    layers only."""
     from transformers import AutoModelForCausalLM
 
     from ..data.models import load_pretrained
@@ -80,6 +81,17 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
+        lora = dict(lora)
+        top = lora.pop("top_layers", 0)
+        if top:
+            n = model.config.num_hidden_layers
+            if not 1 <= top <= n:
+                raise ValueError(f"lora_top_layers={top} is invalid: accepted range is 0 to {n} (the model's layers)")
+            lora["layers_to_transform"] = list(range(n - top, n))
+            if lora.get("target_modules") == "all-linear":   # peft takes layers only with a list of names
+                head = model.get_output_embeddings()
+                lora["target_modules"] = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                                                 if isinstance(m, torch.nn.Linear) and m is not head})
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     return model
 
@@ -91,6 +103,8 @@ def load_lora_model(args, seed: int):
 
     lora = dict(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                 target_modules=lora_target_modules(args.lora_target_modules))
+    if getattr(args, "lora_top_layers", 0):
+        lora["top_layers"] = args.lora_top_layers
     set_seed(seed)  # before the model: LoRA's adapters are initialised at random
     model = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation, lora=lora)
     n_params = sum(p.numel() for p in model.parameters())
