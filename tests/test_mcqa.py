@@ -279,7 +279,8 @@ def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tm
                 "eval_pred_ece_10", "eval_pred_epistemic", "eval_mean_ts_nll", "eval_pred_ts_nll",
                 "eval_mean_mmlu_college_physics_accuracy", "eval_pred_mmlu_college_physics_epistemic",
                 "eval_mean_ood_auroc", "eval_pred_ood_auroc_epistemic", "eval_pred_kl_to_mean",
-                "eval_sigma_over_m_lora_A", "eval_pred_seconds_per_draw", "base_mean_accuracy", "train_loss"):
+                "eval_sigma_over_m_lora_A", "eval_pred_seconds_per_draw", "base_mean_accuracy", "train_loss",
+                "eval_mean_selection_nll", "eval_pred_selection_nll"):
         assert key in results and math.isfinite(results[key]), key
     assert not any(k.startswith("base_pred") for k in results)    # before training: no posterior yet
     assert results["train_examples"] == 4

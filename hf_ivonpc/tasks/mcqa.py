@@ -63,7 +63,11 @@ class MCQAArguments(CausalLMArguments):
     train_dataset: str = field(default="arc_easy:test", metadata={
         "help": "NAME:SPLIT trained on (names: hf_ivonpc.data.mcqa.available())"})
     selection_size: int = field(default=200, metadata={
-        "help": "questions held out of the training split (a seeded draw) to fit the temperature"})
+        "help": "questions held out of the training split (a seeded draw) to fit the temperature and "
+                "select hyperparameters"})
+    selection_seed: int = field(default=0, metadata={
+        "help": "seed of that draw; fixed apart from the training seed, so runs of every seed are selected "
+                "and tested on the same questions (the training seed still sets the data order)"})
     max_train_samples: int | None = field(default=None, metadata={
         "help": "first N of the remaining training questions (None: all)"})
     eval_dataset: str = field(default="arc_easy:validation", metadata={
@@ -416,12 +420,17 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
               seed=trainer.args.seed, sigma_scale=sigma_scale, autocast=trainer.accelerator.autocast)
     results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
     temps = {}
+    metrics: dict[str, float] = {}
     if selection is not None and len(selection):
         sel = answer_probabilities(model, selection, **kw)
         temps["mean"] = U.fit_temperature(_log(sel["mean"]), sel["labels"])
+        # the selection split's own metrics: what hyperparameters are chosen by (never the test sets)
+        metrics.update({f"{prefix}_mean_selection_{k}": v for k, v in U.summary(sel["mean"], sel["labels"]).items()})
         if sel["draws"] is not None:
             temps["pred"] = U.fit_temperature(_log(sel["draws"].mean(0)), sel["labels"])
-    metrics: dict[str, float] = {f"{prefix}_{kind}_temperature": t for kind, t in temps.items()}
+            metrics.update({f"{prefix}_pred_selection_{k}": v
+                            for k, v in U.predictive_summary(sel["draws"], sel["labels"]).items()})
+    metrics.update({f"{prefix}_{kind}_temperature": t for kind, t in temps.items()})
     names = list(sets)
     arrays = {}
     for i, name in enumerate(names):
@@ -512,12 +521,13 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
         raise ValueError(f"num_choices={args.num_choices} is invalid: accepted range is an integer >= 2")
     if args.answer_format not in FORMATS:
         raise ValueError(f"answer_format={args.answer_format!r} is invalid: accepted are {', '.join(FORMATS)}")
+    if args.selection_seed < 0:
+        raise ValueError(f"selection_seed={args.selection_seed} is invalid: accepted range is an integer >= 0")
     if args.lora_top_layers < 0:
         raise ValueError(f"lora_top_layers={args.lora_top_layers} is invalid: accepted range is an integer >= 0 "
                          "(0: adapters in every layer)")
     tokenizer = load_tokenizer(args.model_name_or_path)
-    seed = targs.data_seed if targs.data_seed is not None else targs.seed
-    train_q, selection_q, eval_q = load_sets(args, seed)
+    train_q, selection_q, eval_q = load_sets(args, args.selection_seed)
 
     def tokenized(qs):
         return MCQADataset(tokenizer, qs, args.max_length, args.answer_format)
