@@ -41,8 +41,9 @@ def _eager(eager_kernels):
 
 @pytest.fixture(scope="module")
 def tiny_causal_lm(tmp_path_factory):
-    """A one-layer Llama with SmolLM2's tokenizer, saved as a local model folder."""
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=128)
+    """A two-layer Llama with SmolLM2's tokenizer, saved as a local model folder (two layers: the
+    multiple-choice offline default's adapters sit on the top layers, above a frozen trunk)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), max_positions=128, num_layers=2)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def _overrides(prefix: str, tmp, lm: str, clip: str) -> list[str]:
                 "--max_length", "48"]
     if prefix == "mcqa":
         return ["--model_name_or_path", lm, "--model_dtype", "float32", "--max_train_samples", "24",
-                "--selection_size", "4", "--max_eval_samples", "2"]
+                "--selection_size", "4", "--max_eval_samples", "2"] + (["--lora_top_layers", "1"] if "offline" in tmp.name else [])
     return ["--model_name_or_path", clip, "--dataset", "textiles", "--max_train_samples", "32",
             "--max_eval_samples", "4", "--zero_shot_eval", "false"]
 

@@ -280,7 +280,7 @@ def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tm
                 "eval_mean_mmlu_college_physics_accuracy", "eval_pred_mmlu_college_physics_epistemic",
                 "eval_mean_ood_auroc", "eval_pred_ood_auroc_epistemic", "eval_pred_kl_to_mean",
                 "eval_sigma_over_m_lora_A", "eval_pred_seconds_per_draw", "base_mean_accuracy", "train_loss",
-                "eval_mean_selection_nll", "eval_pred_selection_nll"):
+                "eval_mean_selection_nll", "eval_pred_selection_nll", "eval_pred_k1_nll", "eval_pred_k2_ece"):
         assert key in results and math.isfinite(results[key]), key
     assert not any(k.startswith("base_pred") for k in results)    # before training: no posterior yet
     assert results["train_examples"] == 4
@@ -288,6 +288,9 @@ def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tm
     probs = np.load(out / "eval_probs.npz")
     assert probs["arc_easy/draws"].shape == (3, 5, 4) and probs["mmlu_college_physics/mean"].shape == (2, 4)
     assert np.abs(probs["arc_easy/draws"] - probs["arc_easy/mean"]).max() > 1e-7   # the draws move the answers
+    from hf_ivonpc import uncertainty as U
+    assert results["eval_pred_k2_nll"] == pytest.approx(U.nll(probs["arc_easy/draws"][:2].mean(0), probs["arc_easy/labels"]))
+    assert "eval_pred_k4_nll" not in results   # k below eval_mc_samples only (k = 3: the full predictive)
     assert metrics["eval_mean_accuracy"] == results["eval_mean_accuracy"]
     assert (results["trunk_seconds"] > 0) == ("cloze" in variant)
 

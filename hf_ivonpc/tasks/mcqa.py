@@ -1,14 +1,25 @@
-"""Multiple-choice question answering: LoRA fine-tuning of a causal LM on the answer letter, and
-the posterior's calibration, selective prediction and out-of-distribution scores beside the mean's.
+"""Multiple-choice question answering: LoRA fine-tuning of a causal LM on the answer, and the
+posterior's calibration, selective prediction and out-of-distribution scores beside the mean's.
 
     hf-ivonpc mcqa                      # offline default: SmolLM2-135M + LoRA on ARC-Easy, CPU
-    hf-ivonpc mcqa --pc_method none --learning_rate 2e-4 --output_dir results/mcqa_adamw
+    hf-ivonpc mcqa --pc_method none --optim adamw_torch --learning_rate 3e-4 --eval_mc_samples 0 \
+        --output_dir results/mcqa_adamw
 
-Each question is the package's letter prompt (``"Question: ...\\n A. ...\\n D. ...\\nAnswer:"``,
-no chat template) and the model's answer distribution is the softmax of its logits for the
-letters " A".." D" at the last position (the prompt left-padded, only that position computed).
-The loss is the cross-entropy of that distribution against the gold letter, as variational LoRA
-fine-tuning is trained and evaluated in the literature.
+The answer distribution (``answer_format``), whose cross-entropy against the gold choice is the
+loss (as variational LoRA fine-tuning is trained and evaluated in the literature):
+
+- ``cloze`` (the default): each choice's text after ``"Question: ...\nAnswer:"``, scored by the
+  sum of its tokens' log-probabilities; the softmax over the choices' scores. The LM head is
+  applied only to the positions that predict answer tokens.
+- ``letter``: the package's letter prompt (``"Question: ...\n A. ...\n D. ...\nAnswer:"``, no
+  chat template), the softmax of the logits of " A".." D" at the last position (only that
+  position computed). Small models cannot read it (SmolLM2-135M stays at chance, see
+  docs/MCQA.md); 7-8B models can.
+
+Sequences are left-padded, positions counted from each row's first token. With adapters on the
+top ``lora_top_layers`` layers only, the frozen layers below run once per sequence before
+training (:mod:`hf_ivonpc.trunk`, checked against the full forward first) and every step,
+refresh and posterior draw runs the top layers only.
 
 Data (``hf_ivonpc.data.mcqa``, offline): no benchmark ships a training split, so training uses
 ARC-Easy's test split, from which ``selection_size`` questions are held out (a seeded draw) for
@@ -27,6 +38,10 @@ Evaluation (before training with ``eval_before_training``: the mean only, as "ba
   in-distribution set by 1 - max probability (``_epistemic``: by the mutual information).
 - ``eval_pred_kl_to_mean``: mean KL(predictive || mean) per question (near 0: the draws change
   nothing); ``sigma_over_m_*``: mean sigma over mean |m| of the LoRA matrices; seconds per pass.
+- ``eval_pred_k{k}_{accuracy,nll,ece}`` (in distribution, k = 1, 2, 4, ... below
+  ``eval_mc_samples``): the k-curve, the predictive over the first k of the same draws.
+- ``eval_{mean,pred}_selection_*``: the same metrics on the selection split, by which
+  hyperparameters are chosen (never by the test sets).
 
 ``eval_mc_samples`` is the number of draws of these evaluations (0: the mean only, as for AdamW,
 which has no posterior); Trainer's own evaluation loop (``eval_strategy``) reports the mean's loss.
@@ -447,6 +462,13 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
                 metrics.update({tag.format(kind=f"{kind}_ts") + k: v for k, v in U.summary(scaled, r["labels"]).items()})
         if r["draws"] is not None:
             metrics[tag.format(kind="pred") + "kl_to_mean"] = float(kl(kinds["pred"], r["mean"]).mean())
+            if i == 0:   # the k-curve: the predictive over the first k of the same draws
+                k = 1
+                while k < r["draws"].shape[0]:
+                    first_k = r["draws"][:k].mean(0)
+                    metrics.update({f"{prefix}_pred_k{k}_{key}": fn(first_k, r["labels"])
+                                    for key, fn in (("accuracy", U.accuracy), ("nll", U.nll), ("ece", U.ece))})
+                    k *= 2
         metrics[tag.format(kind="mean") + "seconds"] = r["seconds"]["mean"]
         if r["draws"] is not None:
             metrics[tag.format(kind="pred") + "seconds_per_draw"] = r["seconds"]["draws"] / r["draws"].shape[0]
