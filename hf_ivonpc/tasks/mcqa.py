@@ -422,22 +422,13 @@ def sigma_over_mean(posterior, model) -> dict[str, float]:
     return {kind: a / b if b > 0 else float("inf") for kind, (a, b) in sums.items()}
 
 
-def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selection: MCQADataset | None,
-                       prefix: str, n_samples: int, sigma_scale: float = 1.0, plot_dir: str | None = None) -> dict:
-    """Mean and predictive metrics of every evaluation set (the first is in distribution) as
-    described in the module docstring, logged through the trainer; the probabilities are saved
-    to ``{prefix}_probs.npz`` and the reliability diagram to ``plot_dir`` when given."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    posterior = trainer.posterior() if n_samples else None
-    collate = trainer.data_collator
-    kw = dict(collate=collate, scorer=trainer.scorer, batch_size=trainer.args.per_device_eval_batch_size,
-              posterior=posterior, n_samples=n_samples if posterior is not None else 0,
-              seed=trainer.args.seed, sigma_scale=sigma_scale, autocast=trainer.accelerator.autocast)
-    results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
+def question_metrics(results: dict[str, dict], sel: dict | None, prefix: str) -> tuple[dict, dict]:
+    """The metrics of the module docstring from :func:`answer_probabilities`' results per
+    evaluation set (the first in distribution) and the selection split's (``sel``, or None: no
+    temperature scaling); returns them and the fitted temperatures ({"mean": T, "pred": T})."""
     temps = {}
     metrics: dict[str, float] = {}
-    if selection is not None and len(selection):
-        sel = answer_probabilities(model, selection, **kw)
+    if sel is not None:
         temps["mean"] = U.fit_temperature(_log(sel["mean"]), sel["labels"])
         # the selection split's own metrics: what hyperparameters are chosen by (never the test sets)
         metrics.update({f"{prefix}_mean_selection_{k}": v for k, v in U.summary(sel["mean"], sel["labels"]).items()})
@@ -446,8 +437,7 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
             metrics.update({f"{prefix}_pred_selection_{k}": v
                             for k, v in U.predictive_summary(sel["draws"], sel["labels"]).items()})
     metrics.update({f"{prefix}_{kind}_temperature": t for kind, t in temps.items()})
-    names = list(sets)
-    arrays = {}
+    names = list(results)
     for i, name in enumerate(names):
         r = results[name]
         tag = f"{prefix}_{{kind}}_" + ("" if i == 0 else f"{name}_")
@@ -472,7 +462,6 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
         metrics[tag.format(kind="mean") + "seconds"] = r["seconds"]["mean"]
         if r["draws"] is not None:
             metrics[tag.format(kind="pred") + "seconds_per_draw"] = r["seconds"]["draws"] / r["draws"].shape[0]
-        arrays.update({f"{name}/{k}": v for k, v in r.items() if isinstance(v, np.ndarray)})
     if len(names) > 1:
         first = results[names[0]]
         scores_in = {"mean": 1 - first["mean"].max(-1)}
@@ -493,6 +482,25 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
         for key, parts in pooled.items():
             kind, _, by = key.partition("_")
             metrics[f"{prefix}_{kind}_ood_auroc" + (f"_{by}" if by else "")] = U.ood_auroc(scores_in[key], np.concatenate(parts))
+    return metrics, temps
+
+
+def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selection: MCQADataset | None,
+                       prefix: str, n_samples: int, sigma_scale: float = 1.0, plot_dir: str | None = None) -> dict:
+    """Mean and predictive metrics of every evaluation set (the first is in distribution) as
+    described in the module docstring, logged through the trainer; the probabilities are saved
+    to ``{prefix}_probs.npz`` and the reliability diagram to ``plot_dir`` when given."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    posterior = trainer.posterior() if n_samples else None
+    collate = trainer.data_collator
+    kw = dict(collate=collate, scorer=trainer.scorer, batch_size=trainer.args.per_device_eval_batch_size,
+              posterior=posterior, n_samples=n_samples if posterior is not None else 0,
+              seed=trainer.args.seed, sigma_scale=sigma_scale, autocast=trainer.accelerator.autocast)
+    results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
+    sel = answer_probabilities(model, selection, **kw) if selection is not None and len(selection) else None
+    metrics, temps = question_metrics(results, sel, prefix)
+    names = list(sets)
+    arrays = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items() if isinstance(v, np.ndarray)}
     if posterior is not None:
         metrics.update({f"{prefix}_sigma_over_m_{k}": v for k, v in sigma_over_mean(posterior, model).items()})
     trainer.log(dict(metrics))
