@@ -250,3 +250,27 @@ def plot_reliability(curves: dict, labels, path, n_bins: int = 15, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_risk_coverage(curves: dict, labels, path, title: str = "") -> None:
+    """Risk-coverage curves (answer the most confident first; confidence = max probability) of
+    several predictions of the same questions (``curves``: name -> probs [N, C]), each one's AURC
+    in the legend, written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.asarray(labels)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, probs in curves.items():
+        probs = np.asarray(probs)
+        conf, correct = probs.max(-1), probs.argmax(-1) == labels
+        cov, risk = risk_coverage(conf, correct)
+        ax.plot(cov, risk, label=f"{name} (AURC {aurc(conf, correct):.3f})")
+    ax.set(xlabel="coverage (share answered)", ylabel="risk (error rate of the answered)", xlim=(0, 1),
+           title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -293,6 +293,28 @@ def test_workload_runs_and_reports_mean_and_predictive(tiny_llama_dir, wheel, tm
     assert "eval_pred_k4_nll" not in results   # k below eval_mc_samples only (k = 3: the full predictive)
     assert metrics["eval_mean_accuracy"] == results["eval_mean_accuracy"]
     assert (results["trunk_seconds"] > 0) == ("cloze" in variant)
+    if "cloze" not in variant:
+        return
+    # evaluated again from the saved run: the same mean and the same draws (seed 0, the run's seed)
+    from hf_ivonpc.tasks import posterior as P
+
+    assert json.loads((out / "workload_args.json").read_text())["data_wheel"] == wheel
+    assert P.main(["evaluate", str(out), "--task", "mcqa", "--n_samples", "1,3", "--batch_size", "2"]) == 0
+    report = json.loads((out / "evaluate" / "evaluation.json").read_text())
+    assert report["mean"]["nll"] == pytest.approx(results["eval_mean_nll"], rel=1e-5)
+    assert report["predictive_by_k"]["3"]["nll"] == pytest.approx(results["eval_pred_nll"], rel=1e-5)
+    assert report["predictive_by_k"]["1"]["nll"] == pytest.approx(results["eval_pred_k1_nll"], rel=1e-5)
+    assert report["predictive_by_k"]["3"]["mmlu_college_physics_ood_auroc_epistemic"] == pytest.approx(
+        results["eval_pred_mmlu_college_physics_ood_auroc_epistemic"])
+    assert (out / "evaluate" / "risk_coverage.png").stat().st_size > 1000
+    assert (out / "evaluate" / "reliability.png").stat().st_size > 1000
+    # overrides and bad input
+    assert P.main(["evaluate", str(out), "--task", "mcqa", "--n_samples", "2", "--max_eval_samples", "2",
+                   "--output_dir", str(tmp_path / "ev2")]) == 0
+    assert json.loads((tmp_path / "ev2" / "evaluation.json").read_text())["questions"]["arc_easy"] == 2
+    with pytest.raises(ValueError, match=r"n_samples='0,2' is invalid: accepted is a comma-separated list"):
+        M.parse_n_samples("0,2")
+    assert P.main(["evaluate", str(tmp_path), "--task", "mcqa"]) == 1      # no run there: a clear error
 
 
 def test_bad_arguments_are_refused(wheel):

@@ -126,15 +126,18 @@ def run_workload(arguments, default_config: str, build_trainer, argv: list[str] 
 
     args, training_args = parse_args((arguments, PCTrainingArguments), default_config, argv, cli=True)
     trainer, report = build_trainer(args, training_args)
-    return train_and_report(trainer, **report)
+    return train_and_report(trainer, workload_args=dataclasses.asdict(args), **report)
 
 
 def train_and_report(trainer, *, dataset: str, plot_keys: tuple[str, ...], tags: tuple[str, ...] = (),
-                     metrics: dict | None = None, evaluate=None, before: str | None = None) -> dict:
+                     metrics: dict | None = None, evaluate=None, before: str | None = None,
+                     workload_args: dict | None = None) -> dict:
     """The end of every script: optionally evaluate first (``before`` is the metric prefix, e.g.
     "base"), train (resuming from ``resume_from_checkpoint``), evaluate ("eval"), save the model,
     :func:`finish`, and push when ``push_to_hub`` is set. ``evaluate(prefix)`` defaults to
-    ``trainer.evaluate(metric_key_prefix=prefix)``; ``metrics`` are extra figures to report."""
+    ``trainer.evaluate(metric_key_prefix=prefix)``; ``metrics`` are extra figures to report;
+    ``workload_args`` (the workload's own arguments) are saved as ``workload_args.json``, from
+    which ``hf-ivonpc posterior evaluate`` rebuilds the task."""
     evaluate = evaluate or (lambda prefix: trainer.evaluate(metric_key_prefix=prefix))
     metrics = dict(metrics or {})
     if before:
@@ -143,6 +146,10 @@ def train_and_report(trainer, *, dataset: str, plot_keys: tuple[str, ...], tags:
     metrics.update(result.metrics)
     metrics.update(evaluate("eval"))
     trainer.save_model()
+    if workload_args is not None and trainer.is_world_process_zero():
+        out = Path(trainer.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "workload_args.json").write_text(json.dumps(workload_args, indent=1))
     finish(trainer, metrics, plot_keys=plot_keys)
     if trainer.args.push_to_hub:
         trainer.push_to_hub(dataset=dataset, tags=["hf_ivonpc", trainer.args.pc_method, *tags])

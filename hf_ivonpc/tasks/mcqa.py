@@ -54,6 +54,7 @@ adapter and its posterior to ``--output_dir``.
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -611,3 +612,116 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
 
 def main(argv=None) -> dict:
     return run_workload(MCQAArguments, "mcqa_offline", build_trainer, argv)
+
+
+def parse_n_samples(spec: str) -> list[int]:
+    """"1,2,4,8" -> [1, 2, 4, 8] (sorted, distinct, each >= 1)."""
+    try:
+        ks = sorted({int(x) for x in str(spec).split(",") if x.strip()})
+    except ValueError:
+        ks = []
+    if not ks or ks[0] < 1:
+        raise ValueError(f"n_samples={spec!r} is invalid: accepted is a comma-separated list of integers >= 1, "
+                         "e.g. 1,2,4,8")
+    return ks
+
+
+def _saved_argv(saved: dict) -> list[str]:
+    argv = []
+    for k, v in saved.items():
+        if v is not None:
+            argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return argv
+
+
+def evaluate_saved(run_dir: str, n_samples: str | Sequence[int] = "1,2,4,8", sigma_scale: float = 1.0,
+                   seed: int = 0, batch_size: int = 16, output_dir: str | None = None,
+                   argv: Sequence[str] = ()) -> dict:
+    """Evaluate a finished ``hf-ivonpc mcqa`` run again from its folder (adapter, posterior and
+    ``workload_args.json``; ``argv`` overrides those arguments, e.g. ``--max_eval_samples 50``): the
+    mean, and the predictive over the first k of the same draws for every k of ``n_samples``
+    (``sigma_scale`` times sigma, draws seeded by ``seed``). Writes ``evaluation.json``,
+    ``reliability.png`` and ``risk_coverage.png`` to ``output_dir`` (default ``run_dir/evaluate``)
+    and returns the JSON's content."""
+    import json
+
+    from transformers import HfArgumentParser
+
+    from ..posterior import Posterior, _check_sigma_scale
+    from .sft import load_causal_lm
+
+    ks = [int(k) for k in n_samples] if not isinstance(n_samples, str) else parse_n_samples(n_samples)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"n_samples={n_samples!r} is invalid: accepted are integers >= 1")
+    _check_sigma_scale(sigma_scale)
+    if not (isinstance(seed, int) and seed >= 0):
+        raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} is invalid: accepted range is an integer >= 1")
+    run = Path(run_dir)
+    missing = [f for f in ("adapter_config.json", "posterior.safetensors") if not (run / f).is_file()]
+    if missing:
+        raise ValueError(f"run_dir={str(run_dir)!r} is invalid: it has no {', '.join(missing)}; accepted is the "
+                         "output folder of a finished `hf-ivonpc mcqa` run with a posterior (IVON, IVON-PCM)")
+    saved = json.loads((run / "workload_args.json").read_text()) if (run / "workload_args.json").is_file() else {}
+    (args,) = HfArgumentParser(MCQAArguments).parse_args_into_dataclasses(
+        args=_saved_argv(saved) + list(argv), look_for_args_file=False)
+
+    from peft import PeftModel
+
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    _, selection_q, eval_q = load_sets(args, args.selection_seed)
+    base = load_causal_lm(args.model_name_or_path, args.model_dtype, args.attn_implementation)
+    model = PeftModel.from_pretrained(base, str(run)).eval()
+    posterior = Posterior.from_pretrained(str(run))
+    posterior.check(model)
+
+    def tokenized(qs):
+        return MCQADataset(tokenizer, qs, args.max_length, args.answer_format)
+
+    selection = tokenized(selection_q)
+    sets = {name: tokenized(qs) for name, qs in eval_q.items()}
+    collate = MCCollator(tokenizer.pad_token_id)
+    split = None
+    n_layers = len(decoder_of(model).layers)
+    if args.trunk_cache and 0 < args.lora_top_layers < n_layers:
+        from ..trunk import TrunkSplit
+
+        split = TrunkSplit(model, n_layers - args.lora_top_layers)
+        memo = TRUNK_MEMO.setdefault((args.model_name_or_path, args.model_dtype, split.first_layer), {})
+        for ds in (selection, *sets.values()):
+            ds.attach_trunk(model, split, collate, 4 * batch_size, memo)
+    answer_ids = answer_token_ids(tokenizer, args.num_choices) if args.answer_format == "letter" else None
+    scorer = AnswerScorer(args.num_choices, answer_ids, split)
+    kw = dict(collate=collate, scorer=scorer, batch_size=batch_size, posterior=posterior, n_samples=max(ks),
+              seed=seed, sigma_scale=sigma_scale)
+    results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
+    sel = answer_probabilities(model, selection, **kw) if len(selection) else None
+    metrics, temps = question_metrics(results, sel, "eval")
+    per_k = {}
+    for k in ks:
+        def first(r):
+            return None if r is None else {**r, "draws": r["draws"][:k]}
+        m_k, _ = question_metrics({n: first(r) for n, r in results.items()}, first(sel), "eval")
+        per_k[str(k)] = {key[len("eval_pred_"):]: v for key, v in m_k.items() if key.startswith("eval_pred_")
+                         and not re.match(r"eval_pred_k\d+_", key) and not key.endswith("seconds_per_draw")}
+    first_set = next(iter(results.values()))
+    report = {"run_dir": str(run), "n_samples": ks, "sigma_scale": sigma_scale, "seed": seed,
+              "questions": {n: len(ds) for n, ds in sets.items()},
+              "seconds_per_draw": sum(r["seconds"]["draws"] for r in results.values()) / max(ks),
+              "seconds_mean": sum(r["seconds"]["mean"] for r in results.values()),
+              "trunk": split is not None, "mean": {k[len("eval_mean_"):]: v for k, v in metrics.items()
+                                                   if k.startswith("eval_mean_")},
+              "temperatures": temps, "predictive_by_k": per_k,
+              "sigma_over_m": sigma_over_mean(posterior, model)}
+    out = Path(output_dir) if output_dir else run / "evaluate"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "evaluation.json").write_text(json.dumps(report, indent=1))
+    labels, name0 = first_set["labels"], next(iter(results))
+    curves = {"mean": first_set["mean"]}
+    if "mean" in temps:
+        curves[f"mean, T={temps['mean']:.2f}"] = U.apply_temperature(_log(first_set["mean"]), temps["mean"])
+    curves[f"predictive, {max(ks)} draws"] = first_set["draws"].mean(0)
+    U.plot_reliability(curves, labels, out / "reliability.png", title=f"{name0}: {run.name}")
+    U.plot_risk_coverage(curves, labels, out / "risk_coverage.png", title=f"{name0}: {run.name}")
+    return report
