@@ -40,8 +40,8 @@ says which were met):
 
 Every finished run is kept as ``docs/results/uncertainty/runs/<hash>.json`` (metrics, the k-curve
 and the in-distribution probabilities, small), so an interrupted campaign resumes. Writes
-``uncertainty.json``, ``README.md`` and the plots (reliability diagrams, k-curves, risk-coverage)
-to ``docs/results/uncertainty/``.
+``uncertainty.json``, ``README.md`` and the plots (``reliability.png``, ``risk_coverage.png``,
+``k_curve.png``) to ``docs/results/uncertainty/``.
 """
 
 from __future__ import annotations
@@ -320,24 +320,20 @@ def plot(report: dict, runs: dict) -> None:
         curves[f"{name} predictive"] = np.array(first[m][f"{IN_DIST}/draws"]).mean(0)
     U.plot_reliability(curves, labels, OUT / "reliability.png", title="ARC-Easy validation, seed 0")
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for name, probs in curves.items():
-        conf, correct = probs.max(-1), probs.argmax(-1) == labels
-        cov, risk = U.risk_coverage(conf, correct)
-        axes[0].plot(cov, risk, label=f"{name} (AURC {U.aurc(conf, correct):.3f})")
-    axes[0].set(xlabel="coverage", ylabel="risk (error rate of the answered)", title="risk-coverage, seed 0")
-    axes[0].legend(fontsize=7)
+    U.plot_risk_coverage(curves, labels, OUT / "risk_coverage.png", title="ARC-Easy validation, seed 0")
+
+    fig, ax = plt.subplots(figsize=(5, 4))
     for m, name in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")):
         kc = report["k_curve_nll"][m]
         ks = sorted(kc, key=int)
-        axes[1].errorbar([int(k) for k in ks], [kc[k]["mean"] for k in ks], yerr=[kc[k]["ci95"] for k in ks],
-                         marker="o", capsize=3, label=f"{name} predictive")
-        mean_nll = report["table"][f"{name} mean"]["nll"]["mean"]
-        axes[1].axhline(mean_nll, ls="--", lw=1, color=axes[1].lines[-1].get_color(), label=f"{name} mean")
-    axes[1].set(xscale="log", xlabel="posterior draws k", ylabel="NLL (ARC-Easy)", title="k-curve, 3 seeds")
-    axes[1].legend(fontsize=7)
+        line = ax.errorbar([int(k) for k in ks], [kc[k]["mean"] for k in ks], yerr=[kc[k]["ci95"] for k in ks],
+                           marker="o", capsize=3, label=f"{name} predictive")
+        ax.axhline(report["table"][f"{name} mean"]["nll"]["mean"], ls="--", lw=1, color=line[0].get_color(),
+                   label=f"{name} mean")
+    ax.set(xscale="log", xlabel="posterior draws k", ylabel="NLL (ARC-Easy)", title="k-curve, mean over 3 seeds")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "risk_coverage_k_curve.png", dpi=120)
+    fig.savefig(OUT / "k_curve.png", dpi=120)
     plt.close(fig)
 
 

@@ -83,7 +83,8 @@ def test_plots_are_written(tmp_path, monkeypatch):
     runs = _runs()
     S.plot(S.summarize({}, runs), runs)
     assert (tmp_path / "reliability.png").stat().st_size > 5000
-    assert (tmp_path / "risk_coverage_k_curve.png").stat().st_size > 5000
+    assert (tmp_path / "risk_coverage.png").stat().st_size > 5000
+    assert (tmp_path / "k_curve.png").stat().st_size > 5000
 
 
 def test_tuning_order_and_report_only(tmp_path, monkeypatch):
