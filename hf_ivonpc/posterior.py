@@ -606,6 +606,49 @@ class Posterior:
         mean = total.div_(n_samples)
         return (mean, torch.stack(draws)) if return_samples else mean
 
+    @torch.no_grad()
+    def generate(self, model: torch.nn.Module, inputs, n_samples: int, seed: int = 0, *,
+                 answer: Callable[[list[int]], Any] | None = None, sigma_scale: float = 1.0,
+                 **generate_kwargs) -> dict:
+        """Answer with ``n_samples`` posterior draws: ``model.generate(**inputs, **generate_kwargs)``
+        once per draw (greedy unless the keywords say otherwise), and a vote.
+
+        ``inputs``: the tokenized prompts (``input_ids``, ``attention_mask``; left-padded for a
+        decoder-only model). ``answer(new_token_ids) -> hashable`` maps one generated continuation
+        (the tokens after the prompt) to the answer that is voted on, e.g. the final number of a
+        maths solution (default: the continuation's tokens themselves). The draws are seeded by
+        ``seed`` (``sigma_scale`` as in :meth:`sample`; 0 makes every draw the mean).
+
+        Returns ``continuations`` [n_samples][batch] (token id lists), ``answers`` [batch][n_samples],
+        ``majority`` [batch] (the most frequent answer; a tie goes to the one a draw gave first)
+        and ``agreement`` [batch] (the share of draws that gave it: a confidence to abstain by,
+        see :func:`hf_ivonpc.uncertainty.vote`)."""
+        from .uncertainty import vote
+
+        if not (isinstance(n_samples, int) and not isinstance(n_samples, bool) and n_samples >= 1):
+            raise ValueError(f"n_samples={n_samples!r} is invalid: accepted range is an integer >= 1")
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
+            raise ValueError(f"seed={seed!r} is invalid: accepted range is an integer >= 0")
+        _check_sigma_scale(sigma_scale)
+        feed = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
+        feed.pop("labels", None)
+        width = feed["input_ids"].shape[1]
+        generator = torch.Generator(device=_device_of(self.check(model))).manual_seed(seed)
+        was_training = model.training
+        model.eval()
+        continuations = []
+        try:
+            for _ in range(n_samples):
+                with self.sample(model, generator=generator, sigma_scale=sigma_scale):
+                    out = model.generate(**feed, **generate_kwargs)
+                continuations.append([row[width:].tolist() for row in out])
+        finally:
+            model.train(was_training)
+        to_answer = answer if answer is not None else tuple
+        answers = [[to_answer(draw[i]) for draw in continuations] for i in range(len(continuations[0]))]
+        majority, agreement = vote(answers)
+        return {"continuations": continuations, "answers": answers, "majority": majority, "agreement": agreement}
+
     def load_into_optimizer(self, optimizer, model: torch.nn.Module) -> None:
         """Continue training from this posterior: copy h (and the momentum, when saved) into an
         IVON / IVONPC optimizer built on ``model`` (the mean is the model's weights). The

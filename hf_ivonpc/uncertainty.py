@@ -19,7 +19,10 @@ arrays, computed in float64.
 - :func:`fit_temperature` / :func:`apply_temperature`: temperature scaling, a 1-D minimisation of
   the NLL over log T on a selection split.
 - :func:`summary` / :func:`predictive_summary`: all of the above as one dict of floats.
-- :func:`plot_reliability`: a reliability diagram (PNG).
+- :func:`plot_reliability`, :func:`plot_risk_coverage`: a reliability diagram, risk-coverage
+  curves (PNG).
+- :func:`vote`: the majority answer of several posterior draws' generations and its agreement
+  (``Posterior.generate``).
 """
 
 from __future__ import annotations
@@ -274,3 +277,21 @@ def plot_risk_coverage(curves: dict, labels, path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def vote(answers) -> tuple[list, np.ndarray]:
+    """Majority vote per question over its draws' answers (``answers``: one list of hashable
+    answers per question): the most frequent answer (a tie goes to the one given first) and the
+    share of draws that gave it (the agreement, in (0, 1]: rank questions by it to abstain on the
+    least agreed; see :func:`risk_coverage`)."""
+    majority, agreement = [], []
+    for row in answers:
+        if not len(row):
+            raise ValueError("answers holds a question with no answer: accepted are one or more per question")
+        counts: dict = {}
+        for a in row:
+            counts[a] = counts.get(a, 0) + 1
+        best = max(counts.values())
+        majority.append(next(a for a in row if counts[a] == best))
+        agreement.append(best / len(row))
+    return majority, np.asarray(agreement, dtype=np.float64)

@@ -136,3 +136,35 @@ def test_bad_input_is_refused():
     right = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"].flip(-1)}
     with pytest.raises(ValueError, match="accepted are left-padded inputs"):
         post.predictive(model, right, 1, select=ANSWERS)
+
+
+def test_vote_majority_and_agreement_by_hand():
+    from hf_ivonpc.uncertainty import vote
+
+    majority, agreement = vote([["7", "7", "3", "7"], ["1", "2", "1", "2", "3"], ["5"]])
+    assert majority == ["7", "1", "5"]            # the 2-2 tie goes to the answer a draw gave first
+    assert agreement.tolist() == [0.75, 0.4, 1.0]
+    with pytest.raises(ValueError, match="answers holds a question with no answer"):
+        vote([["1"], []])
+
+
+def test_generate_votes_over_draws_and_scale_zero_is_greedy_at_the_mean():
+    model = _tiny_llama()
+    post = _posterior(model, ess=5.0)                  # wide: the draws' greedy continuations differ
+    batch = _left_padded()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        greedy = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:].tolist()
+    at_mean = post.generate(model, batch, 3, seed=0, sigma_scale=0.0, **kw)
+    assert at_mean["continuations"] == [greedy] * 3 and at_mean["agreement"].tolist() == [1.0, 1.0]
+    out = post.generate(model, batch, 6, seed=1, answer=lambda ids: ids[0], **kw)
+    assert len(out["continuations"]) == 6 and all(len(c) == 2 for c in out["continuations"])
+    assert out["answers"] == [[c[i][0] for c in out["continuations"]] for i in range(2)]
+    assert len({tuple(c[0]) for c in out["continuations"]}) > 1        # the draws answer differently
+    for row, maj, agr in zip(out["answers"], out["majority"], out["agreement"]):
+        assert agr == row.count(maj) / 6 and all(row.count(a) <= row.count(maj) for a in row)
+    again = post.generate(model, batch, 6, seed=1, answer=lambda ids: ids[0], **kw)
+    assert again["continuations"] == out["continuations"]            # seeded
+    assert torch.equal(model.model.embed_tokens.weight, _tiny_llama().model.embed_tokens.weight)  # restored
+    with pytest.raises(ValueError, match="n_samples=0 is invalid"):
+        post.generate(model, batch, 0)
