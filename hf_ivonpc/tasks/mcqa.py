@@ -104,7 +104,7 @@ class MCQAArguments(CausalLMArguments):
     lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "modules given adapters: 'all-linear' or a comma-separated list such as q_proj,v_proj"})
-    lora_top_layers: int = field(default=4, metadata={
+    lora_top_layers: int = field(default=2, metadata={
         "help": "adapters in the top N decoder layers only (0: every layer); the frozen layers below are "
                 "then computed once per question (see trunk_cache)"})
     trunk_cache: bool = field(default=True, metadata={
