@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hf_ivonpc"
 #: lower layers first; a module may import its own layer and the ones before it
-LAYERS = (("hf_ivonpc.optim",), ("hf_ivonpc.metrics", "hf_ivonpc.plotting"),
+LAYERS = (("hf_ivonpc.optim",), ("hf_ivonpc.metrics", "hf_ivonpc.plotting", "hf_ivonpc.uncertainty", "hf_ivonpc.trunk"),
           ("hf_ivonpc.posterior", "hf_ivonpc.convert", "hf_ivonpc.model_card", "hf_ivonpc.args",
            "hf_ivonpc.trainer", "hf_ivonpc.trl", "hf_ivonpc"),
           ("hf_ivonpc.data",), ("hf_ivonpc.tasks", "hf_ivonpc.__main__"))
