@@ -300,6 +300,22 @@ def markdown(report: dict) -> str:
     for c, text in report["criteria"].items():
         met = report["checks"][c]["met"]
         lines.append(f"- **{c} {'met' if met else 'not met'}**: {text}.")
+    lines += ["", "## Tuning (seed 1000, NLL on the selection split)", ""]
+    for method, tuned in report["tuned"].items():
+        for grid in ("lr_losses", "ess_losses"):
+            if grid in tuned:
+                pts = ", ".join(f"{float(v):g}: {loss:.4f}" for v, loss in sorted(tuned[grid].items(), key=lambda x: float(x[0])))
+                lines.append(f"- {method} {'learning rate' if grid == 'lr_losses' else 'ess'}: {pts}")
+        lines.append(f"- {method} chosen: " + ", ".join(f"{k} {v:g}" for k, v in tuned.items() if not k.endswith("_losses")))
+    lines += ["", "## Cost (2 CPU cores, mean over seeds)", ""]
+    for name in ("AdamW", "IVON predictive", "IVON-PCM predictive"):
+        row = t[name]
+        parts = [f"training {row['train_runtime']['mean']:.0f} s", f"the mean's pass over the evaluation sets "
+                 f"{row['mean_seconds']['mean']:.1f} s (ARC-Easy)"]
+        if row["seconds_per_draw"]["n"]:
+            parts.append(f"a draw {row['seconds_per_draw']['mean']:.1f} s (ARC-Easy); KL(predictive || mean) "
+                         f"{row['kl_to_mean']['mean']:.2g} nats, mutual information {row['epistemic']['mean']:.2g} nats")
+        lines.append(f"- {name.split(' ')[0]}: " + "; ".join(parts))
     lines += ["", "Details: `uncertainty.json` (`checks`, `bootstrap_pred_minus_mean_seed0`, `tuned`).", ""]
     return "\n".join(lines)
 
