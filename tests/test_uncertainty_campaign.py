@@ -148,3 +148,29 @@ def test_each_criterion_decides_at_its_stated_threshold():
     # C5: 2 points of accuracy lost
     lost = [(0.48, 0.98, 0.075, 0.6, 0.7)] * 3
     assert not S.criteria(_views([base] * 3, lost, good, adamw, adamw))["C5"]["met"]
+
+
+def test_sigma_scale_is_chosen_on_the_tuning_run_and_reported_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "OUT", tmp_path)
+    record = {"key": {"method": "ivon", "cfg": {"seed": S.TUNE_SEED}}}
+    monkeypatch.setattr(S, "run", lambda *a, **k: record)
+    nll = {1.0: 2.2, 3.0: 2.1, 10.0: 3.4, 30.0: 8.0}
+    seen = []
+
+    def fake_evaluate(rec, scale, selection_only):
+        seen.append((scale, selection_only))
+        return {"pred": {"selection_nll": nll[scale]}}
+
+    monkeypatch.setattr(S, "_evaluate", fake_evaluate)
+    sigma = S.tune_sigma_scale({"ivon": {"learning_rate": 1.0}})
+    assert sigma["scale"] == 3.0 and seen == [(s, True) for s in S.SIGMA_SCALES]
+    runs = _runs()
+    scaled_runs = {m: [{"pred": {k[len("eval_pred_"):]: v for k, v in r["metrics"].items() if k.startswith("eval_pred_")},
+                        "seconds_per_draw": 1.0} for r in runs[m]] for m in ("ivon", "ivon_pcm")}
+    report = S.summarize({}, runs, sigma, scaled_runs)
+    row = report["sigma_scale"]["methods"]["ivon"]
+    means = [r["metrics"]["eval_mean_nll"] for r in runs["ivon"]]
+    preds = [r["metrics"]["eval_pred_nll"] for r in runs["ivon"]]
+    assert row["nll_minus_mean"]["mean"] == pytest.approx(np.mean(np.subtract(preds, means)))
+    assert report["checks"] == S.summarize({}, runs)["checks"]       # the criteria read sigma x1 only
+    assert "| IVON predictive, sigma x3 |" in S.markdown(report)
