@@ -196,8 +196,20 @@ def settings(tuned: dict, method: str) -> dict:
     return {k: v for k, v in tuned[method].items() if not k.endswith("_losses")}
 
 
-def reported_runs(tuned: dict) -> dict[str, list[dict]]:
-    return {m: [run(m, s, settings(tuned, m), True) for s in SEEDS] for m in METHODS}
+def reported_runs(tuned: dict, allow_missing: bool = False) -> dict[str, list[dict]]:
+    """Every method's reported runs; with ``allow_missing`` (``--report_only --partial``) a method
+    keeps only its runs that finished (criteria that need a missing run are then undecided)."""
+    out = {}
+    for m in METHODS:
+        out[m] = []
+        for s in SEEDS:
+            try:
+                out[m].append(run(m, s, settings(tuned, m), True))
+            except SystemExit:
+                if not allow_missing:
+                    raise
+                print(f"missing: {m} seed {s}", flush=True)
+    return out
 
 
 # ------------------------------------------------------------------------- test-time sigma scale
@@ -251,9 +263,19 @@ def tune_sigma_scale(tuned: dict) -> dict:
     return {"scale": min(losses, key=losses.get), "losses": {str(k): v for k, v in losses.items()}}
 
 
-def sigma_runs(tuned: dict, runs: dict, scale: float) -> dict[str, list[dict]]:
-    """The reported IVON and IVON-PCM runs' ARC-Easy predictive at ``scale`` (4 draws)."""
-    return {m: [_evaluate(r, scale, False) for r in runs[m]] for m in ("ivon", "ivon_pcm")}
+def sigma_runs(tuned: dict, runs: dict, scale: float, allow_missing: bool = False) -> dict[str, list[dict]]:
+    """The reported IVON and IVON-PCM runs' ARC-Easy predictive at ``scale`` (4 draws); with
+    ``allow_missing`` the evaluations not made yet are left out."""
+    out = {}
+    for m in ("ivon", "ivon_pcm"):
+        out[m] = []
+        for r in runs[m]:
+            try:
+                out[m].append(_evaluate(r, scale, False))
+            except SystemExit:
+                if not allow_missing:
+                    raise
+    return out
 
 
 # ------------------------------------------------------------------------------------- report
@@ -303,6 +325,11 @@ def criteria(views: dict[str, list[dict]]) -> dict:
     def per_seed(name, key):
         return [row[key] for row in views[name]]
 
+    needs = {"C1": ("IVON mean", "IVON predictive"), "C2": ("IVON predictive", "AdamW + TS"),
+             "C3": ("IVON predictive", "AdamW"), "C4": ("IVON-PCM predictive", "IVON predictive"),
+             "C5": ("IVON predictive", "IVON-PCM predictive", "AdamW")}
+    missing = {c: [n for n in names if len(views.get(n, [])) < len(SEEDS)] for c, names in needs.items()}
+
     def paired(a, b, key):
         return _ci([x - y for x, y in zip(per_seed(a, key), per_seed(b, key))])
 
@@ -321,29 +348,34 @@ def criteria(views: dict[str, list[dict]]) -> dict:
     checks["C4"] = {"met": all(c4), "per_seed": c4, "nll_diff": paired("IVON-PCM predictive", "IVON predictive", "nll")}
     acc = {name: paired(name, "AdamW", "accuracy") for name in ("IVON predictive", "IVON-PCM predictive")}
     checks["C5"] = {"met": all(d["mean"] >= -0.01 for d in acc.values()), "accuracy_diff": acc}
+    for c, gone in missing.items():
+        if gone:
+            checks[c] = {"met": None, "missing_runs": gone}
     return checks
 
 
 def summarize(tuned: dict, runs: dict, sigma: dict | None = None, sigma_runs_: dict | None = None) -> dict:
     views = _views(runs)
-    table = {name: {k: _ci([row[k] for row in rows]) for k in rows[0]} for name, rows in views.items()}
+    table = {name: {k: _ci([row[k] for row in rows]) for k in rows[0]} for name, rows in views.items() if rows}
 
     checks = criteria(views)
     # one model, two predictions on the same questions: bootstrap over questions (seed 0)
     boot = {}
-    for method in ("ivon", "ivon_pcm"):
+    for method in (m for m in ("ivon", "ivon_pcm") if runs[m]):
         p = runs[method][0]["probs"]
         draws, mean, labels = (np.array(p[f"{IN_DIST}/{k}"]) for k in ("draws", "mean", "labels"))
         labels = labels.astype(int)
         boot[method] = {"nll": _bootstrap_diff(draws.mean(0), mean, labels, U.nll),
                         "ece": _bootstrap_diff(draws.mean(0), mean, labels, U.ece)}
     k_curves = {m: {k: _ci([r["k_curve"][k]["nll"] for r in runs[m]]) for k in runs[m][0]["k_curve"]}
-                for m in ("ivon", "ivon_pcm")}
+                for m in ("ivon", "ivon_pcm") if runs[m]}
     scaled = None
     if sigma is not None:
         scaled = {"scale": sigma["scale"], "selection_nll_by_scale": sigma["losses"], "draws": SIGMA_DRAWS, "methods": {}}
         for method, name in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")):
             rows = [r["pred"] for r in sigma_runs_[method]]
+            if not rows:
+                continue
             scaled["methods"][method] = {
                 **{k: _ci([row[k] for row in rows]) for k in ("accuracy", "nll", "ece", "brier", "aurc", "acc_at_80",
                                                                "epistemic")},
@@ -372,8 +404,10 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Criteria (fixed before the reported runs)", ""]
     for c, text in report["criteria"].items():
-        met = report["checks"][c]["met"]
-        lines.append(f"- **{c} {'met' if met else 'not met'}**: {text}.")
+        check = report["checks"][c]
+        verdict = {True: "met", False: "not met", None: "not decided"}[check["met"]]
+        missing = f" (runs missing: {', '.join(check['missing_runs'])})" if check.get("missing_runs") else ""
+        lines.append(f"- **{c} {verdict}**: {text}{missing}.")
     sc = report.get("sigma_scale")
     if sc:
         lines += ["", "## Test-time sigma scale (chosen on the tuning seed; not part of the criteria)", "",
@@ -396,7 +430,7 @@ def markdown(report: dict) -> str:
                 lines.append(f"- {method} {'learning rate' if grid == 'lr_losses' else 'ess'}: {pts}")
         lines.append(f"- {method} chosen: " + ", ".join(f"{k} {v:g}" for k, v in tuned.items() if not k.endswith("_losses")))
     lines += ["", "## Cost (2 CPU cores, mean over seeds)", ""]
-    for name in ("AdamW", "IVON predictive", "IVON-PCM predictive"):
+    for name in (n for n in ("AdamW", "IVON predictive", "IVON-PCM predictive") if n in t):
         row = t[name]
         parts = [f"training {row['train_runtime']['mean']:.0f} s", f"the mean's pass over the evaluation sets "
                  f"{row['mean_seconds']['mean']:.1f} s (ARC-Easy)"]
@@ -414,12 +448,12 @@ def plot(report: dict, runs: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = {m: runs[m][0]["probs"] for m in runs}
+    first = {m: runs[m][0]["probs"] for m in runs if runs[m]}
     labels = np.array(first["adamw"][f"{IN_DIST}/labels"]).astype(int)
     adamw = np.array(first["adamw"][f"{IN_DIST}/mean"])
     t_adamw = runs["adamw"][0]["metrics"]["eval_mean_temperature"]
     curves = {"AdamW": adamw, f"AdamW + TS (T={t_adamw:.2f})": U.apply_temperature(np.log(np.maximum(adamw, 1e-12)), t_adamw)}
-    for m, name in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")):
+    for m, name in ((m, n) for m, n in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")) if m in first):
         curves[f"{name} mean"] = np.array(first[m][f"{IN_DIST}/mean"])
         curves[f"{name} predictive"] = np.array(first[m][f"{IN_DIST}/draws"]).mean(0)
     U.plot_reliability(curves, labels, OUT / "reliability.png", title="ARC-Easy validation, seed 0")
@@ -427,7 +461,7 @@ def plot(report: dict, runs: dict) -> None:
     U.plot_risk_coverage(curves, labels, OUT / "risk_coverage.png", title="ARC-Easy validation, seed 0")
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for m, name in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")):
+    for m, name in ((m, n) for m, n in (("ivon", "IVON"), ("ivon_pcm", "IVON-PCM")) if m in report["k_curve_nll"]):
         kc = report["k_curve_nll"][m]
         ks = sorted(kc, key=int)
         line = ax.errorbar([int(k) for k in ks], [kc[k]["mean"] for k in ks], yerr=[kc[k]["ci95"] for k in ks],
@@ -445,6 +479,8 @@ def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--report_only", action="store_true", help="report the cached runs; train nothing")
     p.add_argument("--status", action="store_true", help="list the cached runs and stop")
+    p.add_argument("--partial", action="store_true",
+                   help="with --report_only: report the reported runs that finished; criteria missing a run are undecided")
     a = p.parse_args(argv)
     global REPORT_ONLY
     REPORT_ONLY = a.report_only
@@ -460,9 +496,9 @@ def main(argv=None) -> dict | None:
     torch.set_num_threads(2)
     tuned = tune()
     print("tuned:", json.dumps({m: settings(tuned, m) for m in tuned}), flush=True)
-    runs = reported_runs(tuned)
+    runs = reported_runs(tuned, allow_missing=a.partial and a.report_only)
     sigma = tune_sigma_scale(tuned)
-    report = summarize(tuned, runs, sigma, sigma_runs(tuned, runs, sigma["scale"]))
+    report = summarize(tuned, runs, sigma, sigma_runs(tuned, runs, sigma["scale"], a.partial and a.report_only))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "uncertainty.json").write_text(json.dumps(report, indent=1))
     (OUT / "README.md").write_text(markdown(report))

@@ -174,3 +174,14 @@ def test_sigma_scale_is_chosen_on_the_tuning_run_and_reported_apart(tmp_path, mo
     assert row["nll_minus_mean"]["mean"] == pytest.approx(np.mean(np.subtract(preds, means)))
     assert report["checks"] == S.summarize({}, runs)["checks"]       # the criteria read sigma x1 only
     assert "| IVON predictive, sigma x3 |" in S.markdown(report)
+
+
+def test_a_partial_report_leaves_criteria_missing_a_run_undecided(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "OUT", tmp_path)
+    runs = _runs()
+    runs["ivon_pcm"] = runs["ivon_pcm"][:1]
+    report = S.summarize({}, runs)
+    assert report["checks"]["C4"]["met"] is None and report["checks"]["C5"]["met"] is None
+    assert report["checks"]["C1"]["met"] in (True, False)
+    assert "**C4 not decided**" in S.markdown(report) and "runs missing: IVON-PCM predictive" in S.markdown(report)
+    S.plot(report, runs)
