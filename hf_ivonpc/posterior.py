@@ -619,7 +619,8 @@ class Posterior:
         maths solution (default: the continuation's tokens themselves). The draws are seeded by
         ``seed`` (``sigma_scale`` as in :meth:`sample`; 0 makes every draw the mean).
 
-        Returns ``continuations`` [n_samples][batch] (token id lists), ``answers`` [batch][n_samples],
+        Returns ``continuations`` [n_samples][batch] (token id lists, without the padding that
+        follows a row's end in its batch: it differs from draw to draw), ``answers`` [batch][n_samples],
         ``majority`` [batch] (the most frequent answer; a tie goes to the one a draw gave first)
         and ``agreement`` [batch] (the share of draws that gave it: a confidence to abstain by,
         see :func:`hf_ivonpc.uncertainty.vote`)."""
@@ -636,12 +637,19 @@ class Posterior:
         generator = torch.Generator(device=_device_of(self.check(model))).manual_seed(seed)
         was_training = model.training
         model.eval()
+        pad = generate_kwargs.get("pad_token_id", getattr(getattr(model, "generation_config", None), "pad_token_id", None))
+
+        def strip(ids: list[int]) -> list[int]:   # the batch's padding after a row's end is no part of it
+            while pad is not None and ids and ids[-1] == pad:
+                ids.pop()
+            return ids
+
         continuations = []
         try:
             for _ in range(n_samples):
                 with self.sample(model, generator=generator, sigma_scale=sigma_scale):
                     out = model.generate(**feed, **generate_kwargs)
-                continuations.append([row[width:].tolist() for row in out])
+                continuations.append([strip(row[width:].tolist()) for row in out])
         finally:
             model.train(was_training)
         to_answer = answer if answer is not None else tuple

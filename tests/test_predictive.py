@@ -155,6 +155,8 @@ def test_generate_votes_over_draws_and_scale_zero_is_greedy_at_the_mean():
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         greedy = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:].tolist()
+    while any(row and row[-1] == 0 for row in greedy):   # without the trailing padding (pad id 0)
+        greedy = [row[:-1] if row and row[-1] == 0 else row for row in greedy]
     at_mean = post.generate(model, batch, 3, seed=0, sigma_scale=0.0, **kw)
     assert at_mean["continuations"] == [greedy] * 3 and at_mean["agreement"].tolist() == [1.0, 1.0]
     out = post.generate(model, batch, 6, seed=1, answer=lambda ids: ids[0], **kw)
@@ -163,6 +165,7 @@ def test_generate_votes_over_draws_and_scale_zero_is_greedy_at_the_mean():
     assert len({tuple(c[0]) for c in out["continuations"]}) > 1        # the draws answer differently
     for row, maj, agr in zip(out["answers"], out["majority"], out["agreement"]):
         assert agr == row.count(maj) / 6 and all(row.count(a) <= row.count(maj) for a in row)
+    assert all(not c or c[-1] != 0 for draw in out["continuations"] for c in draw)   # no padding kept
     again = post.generate(model, batch, 6, seed=1, answer=lambda ids: ids[0], **kw)
     assert again["continuations"] == out["continuations"]            # seeded
     assert torch.equal(model.model.embed_tokens.weight, _tiny_llama().model.embed_tokens.weight)  # restored
