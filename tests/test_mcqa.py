@@ -193,8 +193,9 @@ def test_loss_is_the_cross_entropy_over_the_answers_letters_and_cloze(tiny_llama
 def test_trunk_states_give_the_full_models_scores_and_gradients(tiny_llama_dir):
     """LoRA on the top layer only: scores and the adapters' gradients from the trunk's cached states
     (computed once per sequence, unpadded, then re-padded) equal those of the full forward within
-    rounding: 1e-5 of the largest entry (other padding, hence other reduction lengths in attention;
-    measured 1e-6)."""
+    rounding: 1e-4 of each tensor's largest entry (other padding, hence other reduction lengths in
+    attention; measured up to 4.5e-6 with the widest vectors, 5.9e-6 under MKL's non-Intel path and
+    1.0e-5 under AVX2; cached states scaled by 1.001 fail it)."""
     from hf_ivonpc.trunk import TrunkSplit
 
     model, tok = _model_and_tok(tiny_llama_dir, top_layers=1)
@@ -217,7 +218,7 @@ def test_trunk_states_give_the_full_models_scores_and_gradients(tiny_llama_dir):
     (s0, g0), (s1, g1) = results
     torch.testing.assert_close(s1, s0, rtol=1e-5, atol=0)
     for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-5 * float(g0[n].abs().max()), msg=n)
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=1e-4 * float(g0[n].abs().max()), msg=n)
     assert max(float(g.abs().max()) for g in g0.values()) > 0
 
 

@@ -547,6 +547,30 @@ def load_sets(args: MCQAArguments, seed: int):
     return train, selection, sets
 
 
+def answer_scorer(args: MCQAArguments, model, tokenizer, collate: MCCollator, datasets, batch_size: int):
+    """The :class:`AnswerScorer` of ``args``' format, checked on the first question of ``datasets``
+    against the model's own logits, and, with adapters on the top layers only, the frozen trunk's
+    states attached to every dataset (checked against the full forward first; shared through
+    ``TRUNK_MEMO``). Returns the scorer and the seconds the trunk took."""
+    split = None
+    n_layers = len(decoder_of(model).layers)
+    if args.trunk_cache and 0 < args.lora_top_layers < n_layers:
+        from ..trunk import TrunkSplit
+
+        split = TrunkSplit(model, n_layers - args.lora_top_layers)
+    answer_ids = answer_token_ids(tokenizer, args.num_choices) if args.answer_format == "letter" else None
+    scorer = AnswerScorer(args.num_choices, answer_ids, split)
+    first = next(ds for ds in datasets if len(ds))
+    probe = collate([first[i] for i in range(min(2, len(first)))])
+    scorer.check(model, probe)
+    seconds = 0.0
+    if split is not None:
+        split.check(model, probe["input_ids"], probe["attention_mask"])
+        memo = TRUNK_MEMO.setdefault((args.model_name_or_path, args.model_dtype, split.first_layer), {})
+        seconds = sum(ds.attach_trunk(model, split, collate, batch_size, memo) for ds in datasets)
+    return scorer, seconds
+
+
 def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQATrainer, dict]:
     if args.num_choices < 2:
         raise ValueError(f"num_choices={args.num_choices} is invalid: accepted range is an integer >= 2")
@@ -568,23 +592,8 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
     collate = MCCollator(tokenizer.pad_token_id)
 
     model, n_params, n_trainable = load_lora_model(args, targs.seed)
-    split = None
-    n_layers = len(decoder_of(model).layers)
-    if args.trunk_cache and 0 < args.lora_top_layers < n_layers:
-        from ..trunk import TrunkSplit
-
-        split = TrunkSplit(model, n_layers - args.lora_top_layers)
-    answer_ids = answer_token_ids(tokenizer, args.num_choices) if args.answer_format == "letter" else None
-    scorer = AnswerScorer(args.num_choices, answer_ids, split)
-    probe = collate([train[i] for i in range(min(2, len(train)))])
-    scorer.check(model, probe)
-    if split is not None:
-        split.check(model, probe["input_ids"], probe["attention_mask"])
-    trunk_seconds = 0.0
-    if split is not None:
-        memo = TRUNK_MEMO.setdefault((args.model_name_or_path, args.model_dtype, split.first_layer), {})
-        for ds in (train, selection, *sets.values()):
-            trunk_seconds += ds.attach_trunk(model, split, collate, 4 * targs.per_device_eval_batch_size, memo)
+    scorer, trunk_seconds = answer_scorer(args, model, tokenizer, collate, (train, selection, *sets.values()),
+                                          4 * targs.per_device_eval_batch_size)
     if targs.process_index == 0:
         sizes = ", ".join(f"{name} {len(ds)}" for name, ds in sets.items())
         where = f"top {args.lora_top_layers} layers" if args.lora_top_layers else "every layer"
@@ -592,7 +601,7 @@ def build_trainer(args: MCQAArguments, targs: PCTrainingArguments) -> tuple[MCQA
               f"trainable of {n_params / 1e6:.1f}M parameters; {args.answer_format} format; {len(train)} training "
               f"and {len(selection)} selection questions ({args.train_dataset}); evaluation: {sizes}; "
               f"pc_method={targs.pc_method}"
-              + (f"; trunk states computed once in {trunk_seconds:.0f} s" if split is not None else ""))
+              + (f"; trunk states computed once in {trunk_seconds:.0f} s" if scorer.split is not None else ""))
     targs.remove_unused_columns = False   # the rows are sequences to score, not model inputs
     trainer = MCQATrainer(model=model, args=targs, train_dataset=train, processing_class=tokenizer,
                           data_collator=collate, scorer=scorer)
@@ -682,17 +691,7 @@ def evaluate_saved(run_dir: str, n_samples: str | Sequence[int] = "1,2,4,8", sig
     selection = tokenized(selection_q)
     sets = {name: tokenized(qs) for name, qs in eval_q.items()}
     collate = MCCollator(tokenizer.pad_token_id)
-    split = None
-    n_layers = len(decoder_of(model).layers)
-    if args.trunk_cache and 0 < args.lora_top_layers < n_layers:
-        from ..trunk import TrunkSplit
-
-        split = TrunkSplit(model, n_layers - args.lora_top_layers)
-        memo = TRUNK_MEMO.setdefault((args.model_name_or_path, args.model_dtype, split.first_layer), {})
-        for ds in (selection, *sets.values()):
-            ds.attach_trunk(model, split, collate, 4 * batch_size, memo)
-    answer_ids = answer_token_ids(tokenizer, args.num_choices) if args.answer_format == "letter" else None
-    scorer = AnswerScorer(args.num_choices, answer_ids, split)
+    scorer, _ = answer_scorer(args, model, tokenizer, collate, (selection, *sets.values()), 4 * batch_size)
     kw = dict(collate=collate, scorer=scorer, batch_size=batch_size, posterior=posterior, n_samples=max(ks),
               seed=seed, sigma_scale=sigma_scale)
     results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
@@ -710,7 +709,7 @@ def evaluate_saved(run_dir: str, n_samples: str | Sequence[int] = "1,2,4,8", sig
               "questions": {n: len(ds) for n, ds in sets.items()},
               "seconds_per_draw": sum(r["seconds"]["draws"] for r in results.values()) / max(ks),
               "seconds_mean": sum(r["seconds"]["mean"] for r in results.values()),
-              "trunk": split is not None, "mean": {k[len("eval_mean_"):]: v for k, v in metrics.items()
+              "trunk": scorer.split is not None, "mean": {k[len("eval_mean_"):]: v for k, v in metrics.items()
                                                    if k.startswith("eval_mean_")},
               "temperatures": temps, "predictive_by_k": per_k,
               "sigma_over_m": sigma_over_mean(posterior, model)}
