@@ -87,6 +87,15 @@ class PCArgsMixin:
                 "'alpha_svrg' (the correction over Trainer's own optim, AdamW or SGD) or 'none' "
                 "(plain Trainer)."})
 
+    eval_answer_tokens: list[str] | None = field(default=None, metadata={
+        "help": "Answer tokens of a multiple-choice evaluation (e.g. ' A' ' B' ' C' ' D', each one "
+                "token of the tokenizer): evaluation then scores the softmax over these tokens' "
+                "logits at the last position of every left-padded eval row, whose 'labels' is the "
+                "index of the gold answer, and logs eval_mean_* (accuracy, NLL, Brier, ECE, "
+                "selective prediction) and, with eval_mc_samples = k > 0, eval_pred_* (the "
+                "predictive over k draws, its uncertainty split) and the k-curve eval_pred_k*; "
+                "eval_loss is the NLL of the predictive (of the mean when k = 0)."})
+
     def __getstate__(self) -> dict:
         """Pickled without ``hub_token``: Trainer saves the arguments as ``training_args.bin`` in
         every checkpoint and in ``output_dir``, and ``push_to_hub`` uploads that file."""
@@ -121,6 +130,12 @@ class PCArgsMixin:
             value = getattr(self, name)
             if not (name in RESOLVED_FIELDS and value is None):
                 h.check(value)
+        tokens = self.eval_answer_tokens
+        if tokens is not None and not (isinstance(tokens, (list, tuple)) and len(tokens) >= 2
+                                       and all(isinstance(t, str) and t for t in tokens)
+                                       and len(set(tokens)) == len(tokens)):
+            raise _bad("eval_answer_tokens", tokens, "None or a list of at least 2 distinct non-empty "
+                       "strings (one token each)")
         if self.eval_mc_samples and not variational:
             raise _bad("eval_mc_samples", self.eval_mc_samples,
                        f"0 with pc_method={self.pc_method!r} (only IVON methods have a posterior)")

@@ -549,6 +549,29 @@ class Posterior:
                 for p, value in saved:
                     p.copy_(value)
 
+    def capped_at_prior(self) -> Posterior:
+        """This posterior with sigma capped at the prior's 1 / sqrt(ess x weight_decay): h
+        replaced by max(h, 0) in every group with weight decay (a new Posterior; this one is
+        unchanged). IVON's update keeps h + weight_decay > 0, not h >= 0, so where the Hessian
+        estimate went negative the saved sigma exceeds the prior's, up to 1 / sqrt(ess x
+        weight_decay x 2^-7) and beyond; ``summary()`` reports the share. Groups without weight
+        decay have a flat prior and keep h > 0 already. For predictions only: training state
+        (``load_into_optimizer``) should come from the uncapped file. See docs/OPTIMIZERS.md for
+        what the cap does to a predictive."""
+        from .optim.ivon import sigma_from_hess
+        hess, std = {}, {}
+        for g in self.groups:
+            for n in g["params"]:
+                h = self.hess[n]
+                if g["weight_decay"] > 0:
+                    h = h.clamp_min(0)
+                hess[n] = h
+                std[n] = self.std[n] if h is self.hess[n] else sigma_from_hess(h, g).to(self.std[n].dtype)
+        return Posterior(std, hess, [dict(g, params=list(g["params"])) for g in self.groups],
+                         momentum=self.momentum, method=self.method, step=self.step,
+                         extra_metadata={**self.extra_metadata, "sigma_cap": "prior"},
+                         source=f"{self.source} (capped at the prior)")
+
     def _std_on(self, device: torch.device) -> dict[str, torch.Tensor]:
         """sigma on ``device`` (copied once per device, then kept)."""
         device = torch.device(device)
@@ -637,7 +660,8 @@ class Posterior:
         generator = torch.Generator(device=_device_of(self.check(model))).manual_seed(seed)
         was_training = model.training
         model.eval()
-        pad = generate_kwargs.get("pad_token_id", getattr(getattr(model, "generation_config", None), "pad_token_id", None))
+        config = generate_kwargs.get("generation_config", getattr(model, "generation_config", None))
+        pad = generate_kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
 
         def strip(ids: list[int]) -> list[int]:   # the batch's padding after a row's end is no part of it
             while pad is not None and ids and ids[-1] == pad:

@@ -142,6 +142,31 @@ class PCTrainerMixin:
         self._pc_logs: dict[str, float] = {}
         if self.args.corrects and self.train_dataset is not None:
             self._check_megabatch(self.train_dataset)
+        self._answer_ids = self._encode_answer_tokens(self.args.eval_answer_tokens)
+        self._count_shifted_labels()
+
+    def _count_shifted_labels(self) -> None:
+        """Trainer divides a causal LM's summed token loss by the label tokens it counts
+        (``num_items_in_batch``, in training and evaluation), over ``labels[..., 1:]`` only when
+        the model's ``loss_type`` attribute names the causal-LM loss. GPT-2 leaves it None and
+        still computes that shifted loss (transformers 5.24), so every row's first label was
+        counted as well: the losses of a window of T tokens read (T - 1) / T of their value
+        (5.657 for 5.702 on the offline GPT-2's validation windows) and the gradients were scaled
+        alike. The count follows the loss the model computes."""
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        if not hasattr(self, "_loss_shifts_labels") or self._loss_shifts_labels:
+            return
+        if not self._is_causal_lm(self.model):   # (loss_function defaults to it for every model)
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        base = getattr(model, "get_base_model", lambda: model)()
+        try:
+            shifted = getattr(base, "loss_function", None) is ForCausalLMLoss
+        except (AttributeError, KeyError, ValueError):
+            shifted = False
+        if shifted and not getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+            self._loss_shifts_labels = True
 
     @property
     def is_fsdp2(self) -> bool:
@@ -403,37 +428,141 @@ class PCTrainerMixin:
             return loss, None, None
         return loss, logp, labels
 
-    def _predictive_log_probs(self, model, feed: dict, k: int) -> torch.Tensor:
-        """log of the output probabilities averaged over ``k`` draws from the posterior."""
+    @contextlib.contextmanager
+    def _evaluation_draws(self):
+        """The optimizer's noise comes from a generator of its own for the block, seeded by the
+        step (every batch of an evaluation gets the same draws), so evaluating does not change
+        the training noise."""
         opt = self.pc_optimizer
         train_generator = opt.generator
         opt.generator = torch.Generator(device=train_generator.device).manual_seed(
             self.args.seed + 7919 * (self.state.global_step + 1) + self.args.process_index)
         try:
             with torch.no_grad():
-                probs = None
-                for _ in range(k):
-                    with opt.sampled_params():
-                        out = model(**feed)
-                    logits = out["logits"] if isinstance(out, dict) else out[0]
-                    p = logits.float().softmax(-1)
-                    probs = p if probs is None else probs.add_(p)
+                yield opt
         finally:
             opt.generator = train_generator
+
+    def _predictive_log_probs(self, model, feed: dict, k: int) -> torch.Tensor:
+        """log of the output probabilities averaged over ``k`` draws from the posterior."""
+        with self._evaluation_draws() as opt:
+            probs = None
+            for _ in range(k):
+                with opt.sampled_params():
+                    out = model(**feed)
+                logits = out["logits"] if isinstance(out, dict) else out[0]
+                p = logits.float().softmax(-1)
+                probs = p if probs is None else probs.add_(p)
         return probs.div_(k).clamp_min_(1e-30).log_()
+
+    # ------------------------------------------------------------------ multiple-choice answers
+    def _encode_answer_tokens(self, tokens) -> torch.Tensor | None:
+        """``eval_answer_tokens`` as token ids of the processing class (each exactly one token)."""
+        if tokens is None:
+            return None
+        tok = getattr(self.processing_class, "tokenizer", self.processing_class)   # a processor's
+        if tok is None or not callable(getattr(tok, "encode", None)):
+            raise ValueError(f"eval_answer_tokens={list(tokens)!r} needs a tokenizer: pass "
+                             "processing_class=tokenizer to the trainer")
+        ids = []
+        for t in tokens:
+            enc = tok.encode(t, add_special_tokens=False)
+            if len(enc) != 1:
+                raise ValueError(f"eval_answer_tokens={list(tokens)!r} is invalid: {t!r} is {len(enc)} "
+                                 f"tokens {enc} of the tokenizer; accepted are strings of one token each "
+                                 "(for SmolLM2 and Llama tokenizers ' A', with its leading space)")
+            ids.append(enc[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"eval_answer_tokens={list(tokens)!r} is invalid: they encode to the token "
+                             f"ids {ids}, not all distinct")
+        return torch.tensor(ids)
+
+    def _answer_labels(self, batch: dict) -> torch.Tensor:
+        labels = batch.get("labels")
+        c = len(self._answer_ids)
+        if labels is None or labels.dtype.is_floating_point or labels.numel() != batch["input_ids"].shape[0] \
+                or bool(((labels < 0) | (labels >= c)).any()):
+            shape = None if labels is None else tuple(labels.shape)
+            raise ValueError(f"eval_answer_tokens is set, so every eval row's 'labels' must be the index of "
+                             f"its gold answer, an integer in [0, {c - 1}]; got labels of shape {shape}"
+                             + ("" if labels is None else f" with values in [{int(labels.min())}, "
+                                                          f"{int(labels.max())}]"))
+        return labels.reshape(-1)
+
+    def _evaluate_answers(self, eval_dataset, metric_key_prefix: str) -> dict[str, float]:
+        """Evaluation with ``eval_answer_tokens``: the answer distribution (a softmax over the
+        answer tokens at the last position) at the mean and, with ``eval_mc_samples = k > 0``, at
+        k posterior draws; metrics from :func:`hf_ivonpc.uncertainty.question_metrics`."""
+        import time
+
+        from . import uncertainty as U
+        from .posterior import selected_logits
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, ds in dataset.items():
+                metrics.update(self._evaluate_answers(ds, f"{metric_key_prefix}_{name}"))
+            return metrics
+        start = time.time()
+        dataloader = self.get_eval_dataloader(dataset)
+        model, ids = self.model, self._answer_ids
+        opt = self.pc_optimizer
+        k = self.args.eval_mc_samples if opt is not None and hasattr(opt, "posterior_std") else 0
+        means, draws, labels = [], [], []
+        seconds = {"mean": 0.0, "draws": 0.0}
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in dataloader:
+                batch = self._prepare_inputs(batch)
+                lab = self._answer_labels(batch)
+                feed = {n: v for n, v in batch.items() if n != "labels"}
+                t = time.perf_counter()
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    mean = selected_logits(model, feed, ids).float().softmax(-1)
+                seconds["mean"] += time.perf_counter() - t
+                t = time.perf_counter()
+                per = []
+                if k:
+                    with self._evaluation_draws() as o:
+                        for _ in range(k):
+                            with o.sampled_params(), self.compute_loss_context_manager():
+                                per.append(selected_logits(model, feed, ids).float().softmax(-1))
+                    seconds["draws"] += time.perf_counter() - t
+                per = torch.stack(per, 1) if per else mean[:, None]     # [B, S, C]
+                mean, per, lab = self.accelerator.gather_for_metrics((mean, per, lab))
+                means.append(mean.cpu().double())
+                draws.append(per.cpu().double())
+                labels.append(lab.cpu())
+        finally:
+            model.train(was_training)
+        result = {"mean": torch.cat(means).numpy(), "labels": torch.cat(labels).numpy(), "seconds": seconds,
+                  "draws": torch.cat(draws, 0).transpose(0, 1).numpy() if k else None}
+        metrics, _ = U.question_metrics({"": result}, None, metric_key_prefix)
+        best = "pred" if k else "mean"
+        metrics[f"{metric_key_prefix}_loss"] = metrics[f"{metric_key_prefix}_{best}_nll"]
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     def _predictive_metrics(self, log_probs: torch.Tensor, labels: torch.Tensor) -> None:
         """Called with the predictive's log probabilities and the labels they predict (aligned):
         a base trainer that computes metrics of its own in ``compute_loss`` records them here."""
 
-    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's evaluation (with ``eval_mc_samples = k > 0`` of the predictive), or with
+        ``eval_answer_tokens`` the mean's and the predictive's answer distributions side by side."""
+        if self._answer_ids is not None:
+            return self._evaluate_answers(eval_dataset, metric_key_prefix)
         # Trainer logs the metrics dict it returns: log() adds the perplexity to it in place
-        return self._add_perplexity(super().evaluate(*args, **kwargs))
+        return self._add_perplexity(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
 
     def _loss_is_token_nll(self) -> bool:
         """Whether the evaluation loss is a mean negative log-likelihood per token (its exp a
-        perplexity): for causal language models."""
-        return self._is_causal_lm(self.model)
+        perplexity): for causal language models, unless it is the NLL of a multiple-choice answer."""
+        return self._answer_ids is None and self._is_causal_lm(self.model)
 
     def _add_perplexity(self, metrics: dict) -> dict:
         """``<prefix>_perplexity = exp(<prefix>_loss)`` beside every evaluation loss that is a

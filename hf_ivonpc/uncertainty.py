@@ -21,6 +21,8 @@ arrays, computed in float64.
 - :func:`summary` / :func:`predictive_summary`: all of the above as one dict of floats.
 - :func:`plot_reliability`, :func:`plot_risk_coverage`: a reliability diagram, risk-coverage
   curves (PNG).
+- :func:`question_metrics`: the mean's and the predictive's metrics of several evaluation sets
+  (in and out of distribution) as one flat dict, with the k-curve and temperature scaling.
 - :func:`vote`: the majority answer of several posterior draws' generations and its agreement
   (``Posterior.generate``).
 """
@@ -224,6 +226,90 @@ def predictive_summary(sample_probs, labels, coverage: float = COVERAGE) -> dict
     return out
 
 
+def safe_log(p: np.ndarray) -> np.ndarray:
+    """log p with p floored at 1e-12 (a probability rounded to 0 stays finite)."""
+    return np.log(np.maximum(p, _TINY))
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row (nats)."""
+    return (p * (safe_log(p) - safe_log(q))).sum(-1)
+
+
+def question_metrics(results: dict[str, dict], sel: dict | None, prefix: str) -> tuple[dict, dict]:
+    """Mean and predictive metrics of several evaluation sets, as one flat dict of floats.
+
+    ``results``: name -> {"mean": [N, C] probabilities at the posterior mean, "draws": [S, N, C]
+    per-draw probabilities or None, "labels": [N], "seconds": {"mean": s, "draws": s}}; the first
+    set is the in-distribution one (its keys carry no set name), the others are out of
+    distribution. ``sel``: the same for a selection split (or None), on which temperatures are
+    fitted and whose own metrics are reported as ``{prefix}_{mean,pred}_selection_*``.
+
+    Keys: ``{prefix}_mean_*`` (:func:`summary`), ``{prefix}_pred_*`` (:func:`predictive_summary`
+    of the draws, with ``kl_to_mean``), ``{prefix}_{mean,pred}_ts_*`` (temperature-scaled),
+    ``{prefix}_pred_k{k}_{accuracy,nll,ece}`` for k = 1, 2, 4, ... < S (the first k of the same
+    draws), seconds, and for each out-of-distribution set (and pooled) the AUROC of 1 - max
+    probability and of the mutual information. Returns them and the fitted temperatures
+    ({"mean": T, "pred": T})."""
+    temps = {}
+    metrics: dict[str, float] = {}
+    if sel is not None:
+        temps["mean"] = fit_temperature(safe_log(sel["mean"]), sel["labels"])
+        # the selection split's own metrics: what hyperparameters are chosen by (never the test sets)
+        metrics.update({f"{prefix}_mean_selection_{k}": v for k, v in summary(sel["mean"], sel["labels"]).items()})
+        if sel["draws"] is not None:
+            temps["pred"] = fit_temperature(safe_log(sel["draws"].mean(0)), sel["labels"])
+            metrics.update({f"{prefix}_pred_selection_{k}": v
+                            for k, v in predictive_summary(sel["draws"], sel["labels"]).items()})
+    metrics.update({f"{prefix}_{kind}_temperature": t for kind, t in temps.items()})
+    names = list(results)
+    for i, name in enumerate(names):
+        r = results[name]
+        tag = f"{prefix}_{{kind}}_" + ("" if i == 0 else f"{name}_")
+        kinds = {"mean": r["mean"]}
+        if r["draws"] is not None:
+            kinds["pred"] = r["draws"].mean(0)
+        for kind, probs in kinds.items():
+            stats = summary(probs, r["labels"]) if kind == "mean" else predictive_summary(r["draws"], r["labels"])
+            metrics.update({tag.format(kind=kind) + k: v for k, v in stats.items()})
+            if kind in temps:
+                scaled = apply_temperature(safe_log(probs), temps[kind])
+                metrics.update({tag.format(kind=f"{kind}_ts") + k: v for k, v in summary(scaled, r["labels"]).items()})
+        if r["draws"] is not None:
+            metrics[tag.format(kind="pred") + "kl_to_mean"] = float(kl(kinds["pred"], r["mean"]).mean())
+            if i == 0:   # the k-curve: the predictive over the first k of the same draws
+                k = 1
+                while k < r["draws"].shape[0]:
+                    first_k = r["draws"][:k].mean(0)
+                    metrics.update({f"{prefix}_pred_k{k}_{key}": fn(first_k, r["labels"])
+                                    for key, fn in (("accuracy", accuracy), ("nll", nll), ("ece", ece))})
+                    k *= 2
+        metrics[tag.format(kind="mean") + "seconds"] = r["seconds"]["mean"]
+        if r["draws"] is not None:
+            metrics[tag.format(kind="pred") + "seconds_per_draw"] = r["seconds"]["draws"] / r["draws"].shape[0]
+    if len(names) > 1:
+        first = results[names[0]]
+        scores_in = {"mean": 1 - first["mean"].max(-1)}
+        if first["draws"] is not None:
+            scores_in["pred"] = 1 - first["draws"].mean(0).max(-1)
+            scores_in["pred_epistemic"] = decompose(first["draws"])["epistemic"]
+        pooled: dict[str, list] = {k: [] for k in scores_in}
+        for name in names[1:]:
+            r = results[name]
+            out = {"mean": 1 - r["mean"].max(-1)}
+            if r["draws"] is not None:
+                out["pred"] = 1 - r["draws"].mean(0).max(-1)
+                out["pred_epistemic"] = decompose(r["draws"])["epistemic"]
+            for key, score in out.items():
+                kind, _, by = key.partition("_")
+                metrics[f"{prefix}_{kind}_{name}_ood_auroc" + (f"_{by}" if by else "")] = ood_auroc(scores_in[key], score)
+                pooled[key].append(score)
+        for key, parts in pooled.items():
+            kind, _, by = key.partition("_")
+            metrics[f"{prefix}_{kind}_ood_auroc" + (f"_{by}" if by else "")] = ood_auroc(scores_in[key], np.concatenate(parts))
+    return metrics, temps
+
+
 def reliability_bins(probs, labels, n_bins: int = 15) -> list[dict]:
     """Per non-empty bin (lo, hi]: its edges, count, accuracy and mean confidence."""
     p, y = _pair(probs, labels)
@@ -256,19 +342,23 @@ def plot_reliability(curves: dict, labels, path, n_bins: int = 15, title: str = 
 
 
 def plot_risk_coverage(curves: dict, labels, path, title: str = "") -> None:
-    """Risk-coverage curves (answer the most confident first; confidence = max probability) of
-    several predictions of the same questions (``curves``: name -> probs [N, C]), each one's AURC
-    in the legend, written to ``path`` (PNG)."""
+    """Risk-coverage curves (answer the most confident first) of several predictions of the same
+    questions, each one's AURC in the legend, written to ``path`` (PNG). ``curves``: name -> probs
+    [N, C] (confidence = max probability, scored against ``labels``) or name -> (confidence [N],
+    correct [N]) for answers that are not a distribution (e.g. a vote's agreement; ``labels``
+    unused)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = np.asarray(labels)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for name, probs in curves.items():
-        probs = np.asarray(probs)
-        conf, correct = probs.max(-1), probs.argmax(-1) == labels
+        if isinstance(probs, tuple):
+            conf, correct = (np.asarray(x) for x in probs)
+        else:
+            probs = np.asarray(probs)
+            conf, correct = probs.max(-1), probs.argmax(-1) == np.asarray(labels)
         cov, risk = risk_coverage(conf, correct)
         ax.plot(cov, risk, label=f"{name} (AURC {aurc(conf, correct):.3f})")
     ax.set(xlabel="coverage (share answered)", ylabel="risk (error rate of the answered)", xlim=(0, 1),

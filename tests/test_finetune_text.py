@@ -125,6 +125,52 @@ def test_batched_greedy_generation_equals_one_at_a_time(smollm2, tokenizer):
     assert together == alone and all(together)
 
 
+def _norm_posterior(model, sigma):
+    """A posterior over the final norm's weight only, of std ``sigma``."""
+    from hf_ivonpc import Posterior
+
+    name = "model.norm.weight"
+    p = dict(model.named_parameters())[name]
+    ess, wd = 1.0, 0.0
+    hess = torch.full_like(p, 1.0 / (ess * sigma ** 2))
+    return Posterior({name: hess.rsqrt()}, {name: hess}, [{"params": [name], "ess": ess, "weight_decay": wd}])
+
+
+def test_posterior_generation_is_greedy_per_draw(smollm2, tokenizer):
+    """Each draw's solutions are greedy decoding at that draw: at sigma_scale 0 every draw gives
+    the mean's greedy texts (batched as greedy_generate batches them); with noise the draws differ,
+    and the same seed repeats them."""
+    prompts = [sft.build_prompt(tokenizer, "Name a colour."),
+               sft.build_prompt(tokenizer, "Write one sentence about the sea and the wind at night."),
+               sft.build_prompt(tokenizer, "What is 2 + 3?")]
+    post = _norm_posterior(smollm2, 0.5)
+    greedy = sft.greedy_generate(smollm2, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    at_mean = sft.posterior_generate(smollm2, post, tokenizer, prompts, 6, 2, sigma_scale=0.0, batch_size=2)
+    assert at_mean == [greedy, greedy]
+    noisy = sft.posterior_generate(smollm2, post, tokenizer, prompts, 6, 3, seed=5, batch_size=2)
+    assert len(noisy) == 3 and all(len(d) == 3 for d in noisy)
+    assert any(len({d[i] for d in noisy}) > 1 for i in range(3))
+    assert sft.posterior_generate(smollm2, post, tokenizer, prompts, 6, 3, seed=5, batch_size=2) == noisy
+
+
+def test_vote_metrics_by_hand():
+    refs = ["#### 4", "#### 10", "#### 7", "#### 1"]
+    draws = [["#### 4", "#### 10", "#### 3", "no answer"],
+             ["#### 4", "#### 11", "#### 7", "no answer"],
+             ["#### 5", "#### 12", "#### 3", "#### 1"]]
+    m, records = G.vote_metrics(draws, refs)
+    # majorities: 4 (2/3, right), 10 (1/3, first of a three-way tie, right), 3 (2/3, wrong), None (2/3, wrong)
+    assert [r["majority"] for r in records] == ["4", "10", "3", None]
+    assert [r["agreement"] for r in records] == pytest.approx([2 / 3, 1 / 3, 2 / 3, 2 / 3])
+    assert m["eval_vote_exact_match"] == pytest.approx(50.0)
+    assert m["eval_vote_draw_exact_match"] == pytest.approx(100 * 5 / 12)
+    assert m["eval_vote_agreement_mean"] == pytest.approx(7 / 12)
+    # most agreed first (ties in question order): right, wrong, wrong, right -> risks 0, 1/2, 2/3, 1/2
+    assert m["eval_vote_aurc"] == pytest.approx((0 + 1 / 2 + 2 / 3 + 1 / 2) / 4)
+    assert m["eval_vote_exact_match_at_50"] == pytest.approx(50.0)
+    assert m["eval_vote_exact_match_at_80"] == pytest.approx(50.0)     # ceil(0.8 x 4) = all 4
+
+
 # ---------------------------------------------------------------- the scripts
 def _results(out: Path) -> dict:
     return json.loads((out / "all_results.json").read_text())
@@ -182,7 +228,7 @@ def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monk
             "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
             "--lora_r", "2", "--eval_strategy", "no", "--logging_steps", "1", "--disable_tqdm", "true"]
     out = tmp_path / "gsm8k"
-    G.main(argv + ["--output_dir", str(out)])
+    G.main(argv + ["--output_dir", str(out), "--generate_samples", "2"])
     G.main(argv + ["--output_dir", str(tmp_path / "again")])
     # the adapters' random initialisation is seeded too: a second run repeats the first
     assert _results(tmp_path / "again")["eval_loss"] == _results(out)["eval_loss"]
@@ -190,6 +236,10 @@ def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monk
     for key in ("eval_loss", "eval_exact_match", "eval_exact_match_flexible", "eval_answered"):
         assert key in r, key
     assert r["eval_generated"] == 2
+    assert r["eval_vote_samples"] == 2 and 0 < r["eval_vote_agreement_mean"] <= 1   # the posterior's vote
+    votes = [json.loads(line) for line in (out / "eval_vote.jsonl").read_text().splitlines()]
+    assert len(votes) == 2 and len(votes[0]["answers"]) == 2 and "greedy_at_mean" in votes[0]
+    assert (out / "eval_vote_risk_coverage.png").exists()
     trainer = rec.seen[0]
     model, opt = trainer.model, trainer.pc_optimizer
     trainable = [p for p in model.parameters() if p.requires_grad]

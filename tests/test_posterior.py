@@ -675,3 +675,43 @@ def test_summary_counts_the_entries_whose_sigma_exceeds_the_priors():
     assert rows["embeddings"]["std_max"] > (ess * wd) ** -0.5     # wider than the prior indeed
     assert all(r["above_prior_share"] == 0.0 for k, r in rows.items() if k != "embeddings")
     assert f"{100 * expected:.2f}%" in post.format_summary()
+
+
+def test_capped_at_prior_narrows_only_the_entries_wider_than_the_prior():
+    """capped_at_prior: h -> max(h, 0) in groups with weight decay, so sigma is the prior's
+    1 / sqrt(ess wd) exactly where h < 0 and unchanged elsewhere; a group without weight decay (flat
+    prior) and the original posterior are left as they were."""
+    from hf_ivonpc.optim import IVON
+    model = tiny_gpt2()
+    wd, ess = 1e-2, 100.0
+    named = dict(model.named_parameters())
+    wte = named["transformer.wte.weight"]
+    others = [p for n, p in named.items() if n != "transformer.wte.weight"]
+    opt = IVON([{"params": [wte]}, {"params": others, "weight_decay": 0.0}],
+               lr=0.1, ess=ess, hess_init=0.5, weight_decay=wd)
+    with torch.no_grad():
+        opt.state[wte]["hess"][:2].fill_(-0.5 * wd)   # two rows wider than the prior
+        opt.state[wte]["hess"][2].fill_(3.0)          # one row narrower
+    post = Posterior.from_optimizer(opt, model)
+    before = {n: t.clone() for n, t in post.std.items()}
+    capped = post.capped_at_prior()
+    prior = (ess * wd) ** -0.5
+    s = capped.std["transformer.wte.weight"]
+    torch.testing.assert_close(s[:2], torch.full_like(s[:2], prior), rtol=1e-6, atol=0)
+    assert torch.equal(s[2:], before["transformer.wte.weight"][2:])
+    assert s.max().item() <= prior * (1 + 1e-6)
+    assert (capped.hess["transformer.wte.weight"] >= 0).all()
+    assert all(torch.equal(capped.std[n], before[n]) for n in post.names if n != "transformer.wte.weight")
+    assert all(torch.equal(post.std[n], before[n]) for n in post.names)   # the original is unchanged
+    assert post.std["transformer.wte.weight"].max().item() > prior
+    assert {r["layer_type"]: r["above_prior_share"] for r in capped.summary()}["embeddings"] == 0.0
+    assert capped.metadata()["sigma_cap"] == "prior"
+    mean = wte.detach().clone()
+    noise = {}
+    for name, q in (("saved", post), ("capped", capped)):   # the same eps: only sigma differs
+        with q.sample(model, generator=torch.Generator().manual_seed(0)):
+            noise[name] = wte.detach() - mean
+        assert torch.equal(wte.detach(), mean)              # restored
+    ratio = before["transformer.wte.weight"] / s             # sqrt(2) on the capped rows, 1 elsewhere
+    torch.testing.assert_close(noise["saved"], noise["capped"] * ratio, rtol=1e-5, atol=1e-7)
+    assert ratio[:2].min().item() > 1.4

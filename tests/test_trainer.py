@@ -329,3 +329,22 @@ def test_bf16_state_reaches_the_optimizer_and_the_posterior_file(tmp_path):
     # sigma recomputed from the stored bf16 h equals the optimizer's
     assert torch.equal(torch.cat([s.reshape(-1) for s in opt.posterior_std()]),
                        torch.cat([post.std[n].reshape(-1) for n in post.std]))
+
+
+@pytest.mark.parametrize("method", ["none", "ivon"])
+def test_causal_lm_loss_is_the_mean_over_predicted_tokens(tmp_path, method):
+    """Trainer counts a causal LM's label tokens over labels[..., 1:] only for models whose
+    loss_type names the causal-LM loss; GPT-2 leaves it None. The evaluation loss (and the
+    training loss) must still be the mean over the predicted tokens: 31 per window of 32."""
+    model = tiny_gpt2(dropout=0.0)
+    val = CharWindows("val")
+    trainer = PCTrainer(model=model, args=_args(tmp_path, method, per_device_eval_batch_size=8), eval_dataset=val)
+    got = trainer.evaluate()["eval_loss"]
+    ids = val.windows
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+    by_hand = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert got == pytest.approx(by_hand.item(), rel=1e-5)
+    # a training step's loss is the same mean: its first logged loss is the model's own loss
+    batch = {"input_ids": ids[:4], "labels": ids[:4]}
+    assert trainer._get_num_items_in_batch([batch], torch.device("cpu")) == 4 * 31

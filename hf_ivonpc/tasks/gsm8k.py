@@ -38,11 +38,15 @@ not learned the ``####`` format; both are percentages.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 
 from ..args import PCTrainingArguments
 from ..trainer import PCTrainer
@@ -205,11 +209,96 @@ class GSM8kArguments(CausalLMArguments):
                 "comma-separated list such as q_proj,v_proj"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate the model before fine-tuning (base_* metrics)"})
+    generate_samples: int = field(default=0, metadata={
+        "help": "after training, also solve the max_predict_samples questions greedily at this many "
+                "posterior draws (IVON methods) and report the majority answer's exact match, each "
+                "draw's, and selective accuracy ranked by the draws' agreement (eval_vote_*); 0: off"})
+    generate_sigma_scale: float = field(default=1.0, metadata={
+        "help": "sigma multiplied by this in the draws of generate_samples (>= 0)"})
+
+    def __post_init__(self):
+        if not (isinstance(self.generate_samples, int) and self.generate_samples >= 0):
+            raise ValueError(f"generate_samples={self.generate_samples!r} is invalid: accepted range is an "
+                             "integer >= 0")
+        if not (math.isfinite(self.generate_sigma_scale) and self.generate_sigma_scale >= 0):
+            raise ValueError(f"generate_sigma_scale={self.generate_sigma_scale!r} is invalid: accepted range "
+                             "is a finite number >= 0")
+
+
+def vote_metrics(draw_texts: Sequence[Sequence[str]], references: Sequence[str],
+                 prefix: str = "eval") -> tuple[dict[str, float], list[dict]]:
+    """The vote of several posterior draws' solutions (``draw_texts`` [draw][question]): the
+    majority of the draws' extracted answers (no answer is an answer too, and a wrong one), its
+    agreement, and, ranking questions by agreement (answer the most agreed first), the AURC and
+    the exact match of the 50% and 80% most agreed. Exact matches in percent; returns the metrics
+    and one record per question."""
+    from .. import uncertainty as U
+
+    gold = [reference_answer(r) for r in references]
+    answers = [[extract_answer(d[i]) for d in draw_texts] for i in range(len(references))]
+    majority, agreement = U.vote(answers)
+    correct = np.array([m is not None and m == g for m, g in zip(majority, gold)], dtype=float)
+    per_draw = np.array([[a is not None and a == g for a in row] for row, g in zip(answers, gold)], dtype=float)
+    metrics = {f"{prefix}_vote_exact_match": 100 * correct.mean(),
+               f"{prefix}_vote_draw_exact_match": 100 * per_draw.mean(),
+               f"{prefix}_vote_agreement_mean": float(agreement.mean()),
+               f"{prefix}_vote_aurc": U.aurc(agreement, correct),
+               f"{prefix}_vote_exact_match_at_50": 100 * U.accuracy_at_coverage(agreement, correct, 0.5),
+               f"{prefix}_vote_exact_match_at_80": 100 * U.accuracy_at_coverage(agreement, correct, 0.8),
+               f"{prefix}_vote_samples": len(draw_texts)}
+    records = [{"answers": [None if a is None else str(a) for a in row],
+                "majority": None if m is None else str(m), "agreement": float(a), "reference": str(g)}
+               for row, m, a, g in zip(answers, majority, agreement, gold)]
+    return metrics, records
+
+
+def _with_vote(evaluate, trainer, tokenizer, prompts, references, args: GSM8kArguments):
+    """``evaluate`` plus, after training ("eval"), the vote of ``generate_samples`` posterior draws
+    (:func:`vote_metrics`), written to ``eval_vote.jsonl`` and ``eval_vote_risk_coverage.png``."""
+    import time
+
+    from .. import uncertainty as U
+    from .sft import posterior_generate
+
+    def with_vote(prefix: str) -> dict[str, float]:
+        metrics = evaluate(prefix)
+        if prefix != "eval":
+            return metrics
+        posterior = trainer.posterior()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        t = time.perf_counter()
+        texts = posterior_generate(model, posterior, tokenizer, prompts, args.max_new_tokens, args.generate_samples,
+                                   seed=trainer.args.seed, sigma_scale=args.generate_sigma_scale,
+                                   batch_size=trainer.args.per_device_eval_batch_size,
+                                   autocast=trainer.accelerator.autocast)
+        seconds = time.perf_counter() - t
+        vote, records = vote_metrics(texts, references, prefix)
+        vote[f"{prefix}_vote_seconds_per_draw"] = seconds / args.generate_samples
+        vote[f"{prefix}_vote_sigma_scale"] = args.generate_sigma_scale
+        trainer.log(dict(vote))
+        metrics.update(vote)
+        if trainer.is_world_process_zero():
+            out = Path(trainer.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            greedy = [extract_answer(p["prediction"]) for p in map(json.loads, (out / f"{prefix}_predictions.jsonl").open())]
+            with (out / f"{prefix}_vote.jsonl").open("w") as f:
+                for r, g in zip(records, greedy):
+                    f.write(json.dumps({**r, "greedy_at_mean": None if g is None else str(g)}) + "\n")
+            correct = np.array([r["majority"] is not None and r["majority"] == r["reference"] for r in records], float)
+            U.plot_risk_coverage({f"majority of {args.generate_samples} draws, by agreement":
+                                  (np.array([r["agreement"] for r in records]), correct)},
+                                 None, out / f"{prefix}_vote_risk_coverage.png",
+                                 title=f"{out.name}: {len(records)} questions")
+        return metrics
+    return with_vote
 
 
 def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCTrainer, dict]:
     """The data, the model and its PCTrainer; the dict holds what :func:`train_and_report` needs
     to finish the run (the generation metrics among them)."""
+    if args.generate_samples and targs.pc_method not in ("ivon", "ivon_pcm"):
+        raise ValueError(f"generate_samples={args.generate_samples} is invalid with pc_method="
+                         f"{targs.pc_method!r}: accepted range is 0 (only IVON methods have a posterior)")
     tokenizer = load_tokenizer(args.model_name_or_path)
     common = dict(seed=targs.data_seed if targs.data_seed is not None else targs.seed,
                   dataset_config=args.dataset_config)
@@ -234,6 +323,8 @@ def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCT
                         processing_class=tokenizer, data_collator=data_collator(tokenizer))
 
     evaluate = generation_evaluator(trainer, tokenizer, prompts, references, exact_match, args.max_new_tokens)
+    if args.generate_samples:
+        evaluate = _with_vote(evaluate, trainer, tokenizer, prompts, references, args)
 
     return trainer, dict(dataset=args.dataset, tags=("lora", "gsm8k"),
                          metrics={"n_params": n_params, "n_trainable_params": n_trainable,

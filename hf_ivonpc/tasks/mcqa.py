@@ -402,15 +402,6 @@ def answer_probabilities(model, dataset: MCQADataset, collate, scorer: AnswerSco
     return {"mean": mean, "draws": draws, "labels": labels, "seconds": seconds}
 
 
-def _log(p: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(p, 1e-12))
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """KL(p || q) per row (nats)."""
-    return (p * (_log(p) - _log(q))).sum(-1)
-
-
 def sigma_over_mean(posterior, model) -> dict[str, float]:
     """Mean sigma over mean |m| per kind of LoRA matrix (lora_A, lora_B; 'other' for the rest)."""
     params = dict(model.named_parameters())
@@ -421,69 +412,6 @@ def sigma_over_mean(posterior, model) -> dict[str, float]:
         s[0] += float(posterior.std[name].double().sum())
         s[1] += float(params[name].detach().abs().double().sum())
     return {kind: a / b if b > 0 else float("inf") for kind, (a, b) in sums.items()}
-
-
-def question_metrics(results: dict[str, dict], sel: dict | None, prefix: str) -> tuple[dict, dict]:
-    """The metrics of the module docstring from :func:`answer_probabilities`' results per
-    evaluation set (the first in distribution) and the selection split's (``sel``, or None: no
-    temperature scaling); returns them and the fitted temperatures ({"mean": T, "pred": T})."""
-    temps = {}
-    metrics: dict[str, float] = {}
-    if sel is not None:
-        temps["mean"] = U.fit_temperature(_log(sel["mean"]), sel["labels"])
-        # the selection split's own metrics: what hyperparameters are chosen by (never the test sets)
-        metrics.update({f"{prefix}_mean_selection_{k}": v for k, v in U.summary(sel["mean"], sel["labels"]).items()})
-        if sel["draws"] is not None:
-            temps["pred"] = U.fit_temperature(_log(sel["draws"].mean(0)), sel["labels"])
-            metrics.update({f"{prefix}_pred_selection_{k}": v
-                            for k, v in U.predictive_summary(sel["draws"], sel["labels"]).items()})
-    metrics.update({f"{prefix}_{kind}_temperature": t for kind, t in temps.items()})
-    names = list(results)
-    for i, name in enumerate(names):
-        r = results[name]
-        tag = f"{prefix}_{{kind}}_" + ("" if i == 0 else f"{name}_")
-        kinds = {"mean": r["mean"]}
-        if r["draws"] is not None:
-            kinds["pred"] = r["draws"].mean(0)
-        for kind, probs in kinds.items():
-            stats = U.summary(probs, r["labels"]) if kind == "mean" else U.predictive_summary(r["draws"], r["labels"])
-            metrics.update({tag.format(kind=kind) + k: v for k, v in stats.items()})
-            if kind in temps:
-                scaled = U.apply_temperature(_log(probs), temps[kind])
-                metrics.update({tag.format(kind=f"{kind}_ts") + k: v for k, v in U.summary(scaled, r["labels"]).items()})
-        if r["draws"] is not None:
-            metrics[tag.format(kind="pred") + "kl_to_mean"] = float(kl(kinds["pred"], r["mean"]).mean())
-            if i == 0:   # the k-curve: the predictive over the first k of the same draws
-                k = 1
-                while k < r["draws"].shape[0]:
-                    first_k = r["draws"][:k].mean(0)
-                    metrics.update({f"{prefix}_pred_k{k}_{key}": fn(first_k, r["labels"])
-                                    for key, fn in (("accuracy", U.accuracy), ("nll", U.nll), ("ece", U.ece))})
-                    k *= 2
-        metrics[tag.format(kind="mean") + "seconds"] = r["seconds"]["mean"]
-        if r["draws"] is not None:
-            metrics[tag.format(kind="pred") + "seconds_per_draw"] = r["seconds"]["draws"] / r["draws"].shape[0]
-    if len(names) > 1:
-        first = results[names[0]]
-        scores_in = {"mean": 1 - first["mean"].max(-1)}
-        if first["draws"] is not None:
-            scores_in["pred"] = 1 - first["draws"].mean(0).max(-1)
-            scores_in["pred_epistemic"] = U.decompose(first["draws"])["epistemic"]
-        pooled: dict[str, list] = {k: [] for k in scores_in}
-        for name in names[1:]:
-            r = results[name]
-            out = {"mean": 1 - r["mean"].max(-1)}
-            if r["draws"] is not None:
-                out["pred"] = 1 - r["draws"].mean(0).max(-1)
-                out["pred_epistemic"] = U.decompose(r["draws"])["epistemic"]
-            for key, score in out.items():
-                kind, _, by = key.partition("_")
-                metrics[f"{prefix}_{kind}_{name}_ood_auroc" + (f"_{by}" if by else "")] = U.ood_auroc(scores_in[key], score)
-                pooled[key].append(score)
-        for key, parts in pooled.items():
-            kind, _, by = key.partition("_")
-            metrics[f"{prefix}_{kind}_ood_auroc" + (f"_{by}" if by else "")] = U.ood_auroc(scores_in[key], np.concatenate(parts))
-    return metrics, temps
 
 
 def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selection: MCQADataset | None,
@@ -499,7 +427,7 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
               seed=trainer.args.seed, sigma_scale=sigma_scale, autocast=trainer.accelerator.autocast)
     results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
     sel = answer_probabilities(model, selection, **kw) if selection is not None and len(selection) else None
-    metrics, temps = question_metrics(results, sel, prefix)
+    metrics, temps = U.question_metrics(results, sel, prefix)
     names = list(sets)
     arrays = {f"{name}/{k}": v for name, r in results.items() for k, v in r.items() if isinstance(v, np.ndarray)}
     if posterior is not None:
@@ -513,7 +441,7 @@ def evaluate_questions(trainer: MCQATrainer, sets: dict[str, MCQADataset], selec
             first = results[names[0]]
             curves = {"mean": first["mean"]}
             if "mean" in temps:
-                curves[f"mean, T={temps['mean']:.2f}"] = U.apply_temperature(_log(first["mean"]), temps["mean"])
+                curves[f"mean, T={temps['mean']:.2f}"] = U.apply_temperature(U.safe_log(first["mean"]), temps["mean"])
             if first["draws"] is not None:
                 curves[f"predictive, {first['draws'].shape[0]} draws"] = first["draws"].mean(0)
             U.plot_reliability(curves, first["labels"], Path(plot_dir) / "reliability.png",
@@ -696,12 +624,12 @@ def evaluate_saved(run_dir: str, n_samples: str | Sequence[int] = "1,2,4,8", sig
               seed=seed, sigma_scale=sigma_scale)
     results = {name: answer_probabilities(model, ds, **kw) for name, ds in sets.items()}
     sel = answer_probabilities(model, selection, **kw) if len(selection) else None
-    metrics, temps = question_metrics(results, sel, "eval")
+    metrics, temps = U.question_metrics(results, sel, "eval")
     per_k = {}
     for k in ks:
         def first(r):
             return None if r is None else {**r, "draws": r["draws"][:k]}
-        m_k, _ = question_metrics({n: first(r) for n, r in results.items()}, first(sel), "eval")
+        m_k, _ = U.question_metrics({n: first(r) for n, r in results.items()}, first(sel), "eval")
         per_k[str(k)] = {key[len("eval_pred_"):]: v for key, v in m_k.items() if key.startswith("eval_pred_")
                          and not re.match(r"eval_pred_k\d+_", key) and not key.endswith("seconds_per_draw")}
     first_set = next(iter(results.values()))
@@ -719,7 +647,7 @@ def evaluate_saved(run_dir: str, n_samples: str | Sequence[int] = "1,2,4,8", sig
     labels, name0 = first_set["labels"], next(iter(results))
     curves = {"mean": first_set["mean"]}
     if "mean" in temps:
-        curves[f"mean, T={temps['mean']:.2f}"] = U.apply_temperature(_log(first_set["mean"]), temps["mean"])
+        curves[f"mean, T={temps['mean']:.2f}"] = U.apply_temperature(U.safe_log(first_set["mean"]), temps["mean"])
     curves[f"predictive, {max(ks)} draws"] = first_set["draws"].mean(0)
     U.plot_reliability(curves, labels, out / "reliability.png", title=f"{name0}: {run.name}")
     U.plot_risk_coverage(curves, labels, out / "risk_coverage.png", title=f"{name0}: {run.name}")

@@ -218,37 +218,66 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
+def _prompt_batches(tokenizer, prompts: Sequence[str], batch_size: int, device):
+    """(indices, input_ids, attention_mask) of ``prompts`` in batches of similar length (longest
+    first, little padding), left-padded: every prompt ends at the last column."""
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        yield idx, ids.to(device), mask.to(device)
+
+
+def _greedy_config(model, tokenizer, max_new_tokens: int):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                            eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
 def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                     batch_size: int = 8, autocast=None) -> list[str]:
     """Greedy continuations of ``prompts`` (texts from :func:`build_prompt`), without the prompt
     and special tokens. Prompts are batched by length and left-padded; the model's own sampling
     settings are ignored (do_sample=False, one beam)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=_eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    config = _greedy_config(model, tokenizer, max_new_tokens)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # little padding per batch
     out: list[str] = [""] * len(prompts)
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
+        for idx, ids, mask in _prompt_batches(tokenizer, prompts, batch_size, device):
             with autocast() if autocast is not None else contextlib.nullcontext():
-                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=config)
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, i in enumerate(idx):
-                out[i] = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+                out[i] = tokenizer.decode(gen[row, ids.shape[1]:], skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
+    return out
+
+
+def posterior_generate(model, posterior, tokenizer, prompts: Sequence[str], max_new_tokens: int,
+                       n_samples: int, seed: int = 0, sigma_scale: float = 1.0, batch_size: int = 8,
+                       autocast=None) -> list[list[str]]:
+    """Greedy continuations of ``prompts`` at ``n_samples`` draws of ``posterior``
+    (:meth:`hf_ivonpc.Posterior.generate`; the same draws for every batch), [n_samples][prompt],
+    decoded as :func:`greedy_generate` decodes them."""
+    config = _greedy_config(model, tokenizer, max_new_tokens)
+    device = next(model.parameters()).device
+    out = [[""] * len(prompts) for _ in range(n_samples)]
+    for idx, ids, mask in _prompt_batches(tokenizer, prompts, batch_size, device):
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            got = posterior.generate(model, {"input_ids": ids, "attention_mask": mask}, n_samples, seed=seed,
+                                     sigma_scale=sigma_scale, generation_config=config)
+        for d, rows in enumerate(got["continuations"]):
+            for row, i in enumerate(idx):
+                out[d][i] = tokenizer.decode(rows[row], skip_special_tokens=True).strip()
     return out
 
 
