@@ -1,5 +1,5 @@
 """When does posterior correction pay? AdamW, alpha-SVRG, IVON, IVON-PC and IVON-PCM compared as
-an experiment, per regime (``hf_ivonpc.tasks.evidence``: ``lm``, ``image``; ``digits`` for tests).
+an experiment, per regime (``research.runner``: ``lm``, ``image``; ``digits`` for tests).
 
     python scripts/evidence.py --regime lm --workers 2      # ~75 min on 2 cores; resumes if stopped
     python scripts/evidence.py --regime image --workers 2   # ~30 min; needs Debian's dataset-fashion-mnist
@@ -39,8 +39,8 @@ import statistics
 import time
 from pathlib import Path
 
-from hf_ivonpc.tasks.campaign import TUNE_SEED, cached, fmt_ci, interp, mean_ci, tune_grids
-from hf_ivonpc.tasks.evidence import METHODS, PAPER_RHO, REGIMES, train_run
+from research.campaign import TUNE_SEED, cached, code_version, fmt_ci, interp, mean_ci, stale_runs, tune_grids
+from research.runner import METHODS, PAPER_RHO, REGIMES, train_run
 
 ALPHAS = (0.1, 0.25, 0.5, 1.0)
 WEIGHTS = (0.01, 1.0)
@@ -49,10 +49,27 @@ CONTROL = "ivon_beta2_0.99999"
 BF16 = {"ivon": "ivon bf16 state", "ivon_pcm": "ivon_pcm bf16 state"}
 
 
+def run_key(regime: str, cfg: dict) -> dict:
+    """A run's cache key: its regime, the regime's settings, its configuration and the code."""
+    return {"regime": regime, "spec": REGIMES[regime], "cfg": cfg, "code": code_version()}
+
+
 def _job(job: tuple) -> dict:
     regime, cfg, cache = job
-    key = {"regime": regime, "spec": REGIMES[regime], "cfg": cfg}
-    return cached(Path(cache), key, lambda: train_run(regime, cfg))
+    return cached(Path(cache), run_key(regime, cfg), lambda: train_run(regime, cfg))
+
+
+def _refuse(job: tuple) -> dict:
+    """``--report_only``: a run that has not finished under this code is an error, not a training."""
+    regime, cfg, cache = job
+    key = run_key(regime, cfg)
+
+    def missing():
+        stale = stale_runs(Path(cache), key)
+        why = (f"; {len(stale)} cached run(s) of it were made by other code ({stale[0].name}: code "
+               f"{json.loads(stale[0].read_text())['key'].get('code')}, this code {key['code']})") if stale else ""
+        raise SystemExit(f"run {cfg} has not finished{why}: run without --report_only")
+    return cached(Path(cache), key, missing)
 
 
 class Campaign:
@@ -61,11 +78,12 @@ class Campaign:
         self.cache = out / regime / "runs"
         self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         self.started = time.time()
+        self.job = _job
 
     def runs(self, cfgs: list[dict]) -> list[dict]:
         jobs = [(self.regime, c, str(self.cache)) for c in cfgs]
         results = []
-        it = self.pool.imap(_job, jobs) if self.pool else map(_job, jobs)
+        it = self.pool.imap(self.job, jobs) if self.pool else map(self.job, jobs)
         for r in it:
             results.append(r)
             f = r["final"]
@@ -383,14 +401,18 @@ def plot_sweeps(report: dict, path: Path) -> None:
 def status(regime: str, out: Path) -> str:
     """Every finished run of a campaign that has not finished, as a table (tuning runs are on
     seed 1000 and are not results: they choose the settings)."""
-    runs = []
+    runs, stale, code = [], 0, code_version()
     for path in sorted((out / regime / "runs").glob("*.json")):
         r = json.loads(path.read_text())
         if r.get("regime") == regime and r["key"]["spec"] == REGIMES[regime]:
-            runs.append(r)
+            if r["key"].get("code") == code:
+                runs.append(r)
+            else:
+                stale += 1
     lines = [f"# Evidence: regime `{regime}`, status", "",
-             f"{len(runs)} finished runs (of a campaign that has not finished: tuning-seed runs choose "
-             "settings and are not results). Final validation loss at equal steps:", "",
+             f"{len(runs)} finished runs of this code ({code}; {stale} made by other code are not "
+             "counted) of a campaign that has not finished: tuning-seed runs choose settings and are "
+             "not results. Final validation loss at equal steps:", "",
              "| method | seed | lr | alpha | w | rho | final validation loss | CPU s |", "|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
     for r in sorted(runs, key=lambda r: (r["cfg"]["seed"], order.get(r["cfg"]["method"], 9), r["cfg"]["lr"],
@@ -423,7 +445,7 @@ def main(argv=None) -> dict:
     if a.workers < 1:
         ap.error(f"--workers={a.workers} is invalid: accepted is an integer >= 1")
     if a.regime == "image":
-        from hf_ivonpc.tasks.evidence import FASHION_HOW, FASHION_MNIST
+        from research.image import FASHION_HOW, FASHION_MNIST
         if not FASHION_MNIST.is_dir():
             ap.error(f"--regime image needs {FASHION_MNIST}: {FASHION_HOW}")
     out = Path(a.out)
@@ -434,14 +456,8 @@ def main(argv=None) -> dict:
         print(text)
         return {"status": text}
     c = Campaign(a.regime, out, 1 if a.report_only else a.workers, a.quick)
-    if a.report_only:   # nothing new is trained: a missing run is an error, not a training
-        global _job
-        trained = _job
-
-        def _job(job):   # noqa: F811
-            key = {"regime": job[0], "spec": REGIMES[job[0]], "cfg": job[1]}
-            return cached(Path(job[2]), key, lambda: (_ for _ in ()).throw(
-                SystemExit(f"run {job[1]} has not finished: run without --report_only")))
+    if a.report_only:   # nothing new is trained
+        c.job = _refuse
     try:
         kw = dict(alphas=(0.25, 1.0), weights=(0.01,), grow=False) if a.quick else {}
         tuned = tune(c, **kw)
@@ -451,8 +467,6 @@ def main(argv=None) -> dict:
             runs += c.runs(state_dtype_cfgs(tuned, range(a.seeds)))
     finally:
         c.close()
-        if a.report_only:
-            _job = trained
     report = {"regime": a.regime, "spec": REGIMES[a.regime], "seeds": list(range(a.seeds)), "tuning": tuned,
               "summary": summarize(runs, a.regime), "runs": runs + sweeps}
     if sweeps:

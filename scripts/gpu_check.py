@@ -54,7 +54,7 @@ from transformers import TrainerCallback
 
 from hf_ivonpc import PCTrainer, PCTrainingArguments
 from hf_ivonpc.optim.hparams import default
-from hf_ivonpc.tasks.evidence import CharWindows
+from research.lm import CharWindows
 from hf_ivonpc.tasks.lm import attn_implementation, gpt2_model
 
 
@@ -278,7 +278,7 @@ def _evidence_args(method: str, e, out: Path, max_steps: int, branch_step: int):
 def _evidence_run(method: str, e, data, out: Path, max_steps: int, branch_step: int,
                   deadline: float | None = None, rec: dict | None = None, write=None) -> dict:
     """One run (a branch, or the calibration); ``rec`` is filled in as it goes."""
-    from hf_ivonpc.tasks.campaign import gradient_evaluations
+    from research.campaign import gradient_evaluations
 
     cuda = torch.cuda.is_available()
     train_ids, val_ids, vocab = data

@@ -59,8 +59,8 @@ import os
 import sys
 import time
 
-from hf_ivonpc.tasks import logreg as L
-from hf_ivonpc.tasks.campaign import torch_threads
+from research import logreg as L
+from research.campaign import torch_threads
 
 #: output of ``--tune`` (30 epochs, seed 1000); see the module docstring. For the methods of
 #: ``L.ALPHA_METHODS`` the learning rate at the selected alpha (``TUNED_ALPHA``)

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from hf_ivonpc import uncertainty as U
-from hf_ivonpc.tasks.campaign import TUNE_SEED, cached, fmt_ci, mean_ci, tune_grids
+from research.campaign import TUNE_SEED, cached, fmt_ci, mean_ci, tune_grids
 
 #: bumped whenever a change to the workload changes a run's results (the cache key holds it)
 VERSION = 1

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from hf_ivonpc.tasks import campaign as C
+from research import campaign as C
 
-from _scripts import load_script
+from _scripts import ROOT, load_script
 
 
 def test_tuning_grows_past_a_best_end_and_stops_inside():
@@ -100,6 +100,35 @@ def test_report_only_refuses_to_train(tmp_path):
     evidence = load_script("evidence")
     with pytest.raises(SystemExit, match="has not finished"):
         evidence.main(["--regime", "digits", "--quick", "--out", str(tmp_path), "--report_only"])
+
+
+def test_the_code_version_follows_the_sources_a_run_depends_on(tmp_path, monkeypatch):
+    """The hash changes when a listed source changes (and only then); a run cached by other code
+    is not read back, and --report_only names it."""
+    v = C.code_version()
+    assert v == C.code_version() and len(v) == 16
+    tree = tmp_path / "tree"
+    for pattern in C.CODE_FILES:   # a copy of the listed sources, one of them then edited
+        top = ROOT if pattern.startswith("hf_ivonpc") else ROOT / "scripts"
+        for f in top.glob(pattern):
+            dst = tree / f.relative_to(top)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+    import hf_ivonpc
+    monkeypatch.setattr(hf_ivonpc, "__file__", str(tree / "hf_ivonpc" / "__init__.py"))
+    monkeypatch.setattr(C, "__file__", str(tree / "research" / "campaign.py"))
+    assert C.code_version() == v
+    (tree / "hf_ivonpc" / "trainer.py").write_text((tree / "hf_ivonpc" / "trainer.py").read_text() + "\n# edit\n")
+    assert C.code_version() != v
+    monkeypatch.undo()
+
+    evidence = load_script("evidence")
+    cfg = {"method": "ivon", "seed": 0, "lr": 0.3}
+    key = evidence.run_key("digits", cfg)
+    C.cached(tmp_path / "runs", dict(key, code="0" * 16), lambda: {"final": {"eval_loss": 1.0}})
+    assert [p.name for p in C.stale_runs(tmp_path / "runs", key)]
+    with pytest.raises(SystemExit, match=r"made by other code .*code 0{16}, this code " + key["code"]):
+        evidence._refuse(("digits", cfg, str(tmp_path / "runs")))
 
 
 def test_torch_threads_gives_the_caller_its_thread_count_back():

@@ -46,7 +46,8 @@ def test_memory_plan_is_the_runbook_table():
 
 def _evidence_in_subprocess(tmp_path, *extra):
     """``scripts/gpu_check.py --evidence --dry-run`` as the GPU machine runs it (the script as
-    ``__main__``, the repository on PYTHONPATH), with ``datasets`` made unimportable: that image
+    ``__main__``, the repository on PYTHONPATH, and scripts/ as ``python scripts/gpu_check.py``
+    puts it there), with ``datasets`` made unimportable: that image
     does not have it."""
     import os
     import subprocess
@@ -57,7 +58,7 @@ def _evidence_in_subprocess(tmp_path, *extra):
             *extra]
     code = ("import runpy, sys; sys.modules['datasets'] = None; "
             f"sys.argv = {argv!r}; runpy.run_path('scripts/gpu_check.py', run_name='__main__')")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join((str(ROOT), str(ROOT / "scripts"))), "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
     return proc, out

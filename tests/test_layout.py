@@ -105,3 +105,21 @@ def test_no_private_optimizer_attribute_outside_optim():
                  if "optim" not in p.relative_to(ROOT).parts[:2] and p.name not in INTERNALS
                  for m in PRIVATE.finditer(p.read_text())]
     assert not offenders, offenders
+
+
+def test_the_package_never_imports_the_research_code():
+    """The campaigns' code (scripts/research) is not in the wheel: the package must not need it."""
+    offenders = []
+    for p in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{p.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "research"]
+    assert not offenders, offenders
+
+
+def test_train_configs_at_the_top_leads_to_the_package_configs():
+    """The configs live in the package (the wheel carries them); train_configs/ leads there."""
+    link = ROOT / "train_configs"
+    assert link.is_symlink() and link.resolve() == (PACKAGE / "configs").resolve()
+    assert (link / "pretrain_offline.yaml").is_file()

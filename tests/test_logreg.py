@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from hf_ivonpc.tasks import logreg as L
+from research import logreg as L
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

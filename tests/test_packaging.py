@@ -38,7 +38,7 @@ def test_wheel_holds_configs_card_template_and_command(wheel):
     assert "hf_ivonpc/model_cards/posterior_model_card.md" in names
     [entry] = [n for n in names if n.endswith("entry_points.txt")]
     assert "hf-ivonpc = hf_ivonpc.__main__:main" in zipfile.ZipFile(wheel).read(entry).decode()
-    assert not any(n.startswith(("tests/", "scripts/", "docs/")) for n in names)
+    assert not any(n.startswith(("tests/", "scripts/", "docs/", "research/", "train_configs/")) for n in names)
 
 
 def test_installed_package_finds_its_configs_from_any_folder(wheel, tmp_path):

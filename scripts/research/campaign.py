@@ -1,7 +1,7 @@
 """Comparisons as experiments: cached runs, one tuning rule for every method, intervals, and the
 read-off of a run's curve at equal steps, gradient evaluations or time.
 
-Used by ``scripts/evidence.py``.
+Used by ``scripts/evidence.py`` and ``scripts/uncertainty.py``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,45 @@ def gradient_evaluations(step: int, batch: int, corrected: bool, start: int = 0,
         done = step - start
         n += done * batch + math.ceil(done / refresh) * factor * batch
     return n
+
+
+#: what a run's result depends on beside its configuration: the optimizers, the trainer, its
+#: arguments and the research code that builds and reads a run (this package but the reports)
+CODE_FILES = ("hf_ivonpc/optim/*.py", "hf_ivonpc/trainer.py", "hf_ivonpc/args.py",
+              "research/runner.py", "research/lm.py", "research/image.py", "research/logreg.py")
+
+
+def code_version() -> str:
+    """A hash of the sources in :data:`CODE_FILES` (16 hex digits): a cache key holds it, so a run
+    made by other code is never read back as this code's (it is stale: trained again, or refused
+    when nothing may be trained)."""
+    import hf_ivonpc
+
+    roots = {"hf_ivonpc": Path(hf_ivonpc.__file__).resolve().parent.parent,
+             "research": Path(__file__).resolve().parent.parent}
+    h = hashlib.sha256()
+    for pattern in CODE_FILES:
+        root = roots[pattern.split("/")[0]]
+        files = sorted(root.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"{pattern} matches no file under {root}")
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def stale_runs(cache: Path, key: dict) -> list[Path]:
+    """Cached runs whose key equals ``key`` but for its ``code`` entry (made by other code)."""
+    want = {k: v for k, v in key.items() if k != "code"}
+    out = []
+    for path in sorted(cache.glob("*.json")):
+        try:
+            other = json.loads(path.read_text()).get("key", {})
+        except (OSError, ValueError):
+            continue
+        if other.get("code") != key.get("code") and {k: v for k, v in other.items() if k != "code"} == want:
+            out.append(path)
+    return out
 
 
 def cached(cache: Path, key: dict, fn: Callable[[], dict]) -> dict:

@@ -1,0 +1,11 @@
+"""The research code behind the evidence campaigns: not part of the ``hf_ivonpc`` package (the
+wheel does not carry it), imported by the scripts beside it (``scripts/evidence.py``,
+``scripts/logreg.py``, ``scripts/uncertainty.py``) and by the tests (``pythonpath`` in
+pyproject.toml).
+
+- :mod:`research.campaign`: what every campaign shares: cached runs keyed by the code that
+  produced them, the tuning rule, intervals, CPU clocks, the read-off of a curve.
+- :mod:`research.runner`: one run of a regime through ``PCTrainer``.
+- :mod:`research.lm`, :mod:`research.image`: the regimes' data and models.
+- :mod:`research.logreg`: the convex problems of the paper's Fig. 3.
+"""

@@ -1,0 +1,107 @@
+"""One run of the evidence campaign (``scripts/evidence.py``) in any regime: ``lm``
+(:mod:`research.lm`), ``image`` and ``digits`` (:mod:`research.image`).
+
+One run trains one method with one configuration through ``PCTrainer`` (single-threaded, so that
+its CPU time is its cost) and returns its validation curve at equal steps, gradient evaluations
+and CPU time, the optimizer's diagnostics, how far h moved from h0, and for classifiers the
+posterior predictive against the mean.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+
+import torch
+
+from . import image, lm
+from .campaign import CPUClock, gradient_evaluations, torch_threads
+
+#: per regime: the run's shape and every method's fixed settings (the tuned ones come per run)
+REGIMES = {"lm": lm.SPEC, "image": image.SPEC, "digits": image.DIGITS}
+#: the paper's outer momentum for GPT-2 pretraining (App. D.2): IVON-PCM's rho
+PAPER_RHO = (0.6, 0.1)
+METHODS = ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm")
+
+
+def _model_and_data(regime: str, seed: int):
+    return lm.model_and_data(seed, REGIMES[regime]) if regime == "lm" else image.model_and_data(regime, seed)
+
+
+def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
+    """One run on ``threads`` threads (its CPU time is its cost): ``cfg`` holds method, seed, lr
+    and, for the corrected methods, alpha, mean_term_weight (w) and rho; the regime fixes the
+    rest. The caller's thread count is restored afterwards."""
+    with torch_threads(threads):
+        return _train_run(regime, cfg)
+
+
+def _train_run(regime: str, cfg: dict) -> dict:
+    from hf_ivonpc.args import PCTrainingArguments
+    from hf_ivonpc.metrics import classification_metrics
+    from hf_ivonpc.trainer import PCTrainer
+
+    r = REGIMES[regime]
+    method = cfg["method"]
+    pc = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon"}.get(method, "ivon_pcm")
+    model, train, val = _model_and_data(regime, cfg["seed"])
+    classifier = regime != "lm"
+    kw = dict(pc_method=pc, max_steps=r["steps"], learning_rate=cfg["lr"],
+              per_device_train_batch_size=r["batch"], per_device_eval_batch_size=256,
+              lr_scheduler_type=r["scheduler"], warmup_steps=r["warmup_ratio"], max_grad_norm=1.0,
+              eval_strategy="steps", eval_steps=r["eval_every"], eval_on_start=True,
+              logging_steps=r["eval_every"], save_strategy="no", report_to=[], disable_tqdm=True,
+              use_cpu=True, seed=cfg["seed"], dataloader_num_workers=0)
+    if r["scheduler"] == "cosine_with_min_lr":   # annealed to a quarter of the start value
+        kw["lr_scheduler_kwargs"] = {"min_lr_rate": 0.25}
+    kw.update(r["adamw"] if pc in ("none", "alpha_svrg") else r["ivon"])
+    corrected = pc in ("alpha_svrg", "ivon_pcm")
+    # the sweeps vary the refresh interval and the start of the correction per run
+    refresh, start_ratio = cfg.get("refresh", r["refresh"]), cfg.get("start_ratio", r["start_ratio"])
+    if corrected:
+        kw.update(pc_start_ratio=start_ratio, pc_refresh_steps=refresh,
+                  pc_megabatch_factor=r["factor"], pc_alpha=cfg["alpha"], pc_rho1=cfg.get("rho", (0, 0))[0])
+    if pc == "ivon_pcm":
+        kw.update(pc_rho2=cfg.get("rho", (0, 0))[1], pc_mean_term_weight=cfg["w"])
+    kw.update(cfg.get("extra", {}))
+    clock = CPUClock()
+    with tempfile.TemporaryDirectory() as out:
+        args = PCTrainingArguments(output_dir=out, **kw)
+        trainer = PCTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                            compute_metrics=classification_metrics if classifier else None,
+                            callbacks=[clock])
+        trainer.train()
+        start = math.ceil(start_ratio * r["steps"]) if corrected else 0
+        curve = [dict(p, examples=gradient_evaluations(p["step"], r["batch"], corrected, start,
+                                                       refresh, r["factor"])) for p in clock.points]
+        result = {"cfg": cfg, "regime": regime, "curve": curve, "logs": clock.logs,
+                  "final": curve[-1], "cpu_s": clock.cpu_s, "start_step": start,
+                  "n_params": sum(p.numel() for p in model.parameters())}
+        opt = trainer.pc_optimizer
+        if opt is not None and hasattr(opt, "posterior_std"):
+            result["h_moved"] = h_moved(opt)
+            if classifier:
+                result["predictive"] = predictive_vs_mean(trainer, val)
+    return result
+
+
+def h_moved(opt) -> dict:
+    """How far h moved from h0: quantiles of |h - h0| / h0 over all coordinates."""
+    rel = torch.cat([((g_h.float() - group["hess_init"]).abs() / group["hess_init"]).reshape(-1)
+                     for group, flat in zip(opt.param_groups, opt.flat_state())
+                     for g_h in [flat["hess"]]])
+    q = torch.quantile(rel[torch.randperm(len(rel), generator=torch.Generator().manual_seed(0))[:1_000_000]].double(),
+                       torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    return {"median": q[0], "p90": q[1], "p99": q[2], "beta2": opt.param_groups[0]["beta2"]}
+
+
+def predictive_vs_mean(trainer, data, samples: int = 8) -> dict:
+    """Accuracy, NLL and ECE on ``data`` at the posterior mean and with the posterior predictive
+    over ``samples`` draws."""
+    out = {}
+    for name, k in (("mean", 0), ("predictive", samples)):
+        trainer.args.eval_mc_samples = k
+        m = trainer.evaluate(data, metric_key_prefix=name)
+        out[name] = {key: m[f"{name}_{key}"] for key in ("accuracy", "nll", "ece")}
+    trainer.args.eval_mc_samples = 0
+    return out
