@@ -8,7 +8,7 @@ import pytest
 
 from research import campaign as C
 
-from _scripts import ROOT, load_script
+from _scripts import ROOT
 
 
 def test_tuning_grows_past_a_best_end_and_stops_inside():
@@ -55,51 +55,76 @@ def test_cached_runs_once_and_writes_atomically(tmp_path):
     assert [p.suffix for p in tmp_path.iterdir()] == [".json"]
 
 
-def test_quick_campaign_reports_every_method_and_diagnostic(tmp_path):
-    evidence = load_script("evidence")
-    report = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--sweeps"])
+def test_steps_for_budget_is_the_longest_run_that_fits():
+    # plain: budget // batch; corrected (start at half, refresh 10, mega-batch 10): 32 examples a step
+    assert C.steps_for_budget(16_000, 16, False) == 1000
+    assert C.steps_for_budget(16_000, 16, True, 0.5, 10, 10) == 500
+    for budget in (1000, 4321, 16_000):
+        s = C.steps_for_budget(budget, 16, True, 0.5, 10, 10)
+        cost = lambda n: C.gradient_evaluations(n, 16, True, math.ceil(0.5 * n), 10, 10)  # noqa: E731
+        assert cost(s) <= budget < cost(s + 1)
+    with pytest.raises(ValueError, match="budget=8 is invalid"):
+        C.steps_for_budget(8, 16, False)
+
+
+def test_quick_campaign_matches_budgets_and_tunes_every_method(tmp_path):
+    from research import evidence as E
+    from research.runner import METHODS
+
+    report = E.main(["--regime", "digits", "--quick", "--seeds", "2", "--budgets", "1,2", "--out", str(tmp_path)])
     assert {p.name for p in tmp_path.iterdir()} >= {"digits.json", "digits.md", "digits.png", "digits"}
+    budgets = report["budgets"]
+    assert budgets == [1280, 2560]
     s = report["summary"]
-    assert set(s["methods"]) == {"adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm", evidence.CONTROL}
-    for name in ("ivon_pc", "ivon_pcm"):
-        m = s["methods"][name]
-        assert m["final_eval_loss"]["n"] == 2 and m["pc/grad_var_ratio"]["mean"] > 0
-        assert "h_moved_median" in m and "predictive_nll" in m
-    # equal examples is the cheapest method's budget: AdamW is read at its own end
-    adamw = s["methods"]["adamw"]
-    assert adamw["eval_loss_at_equal_examples"]["mean"] == adamw["final_eval_loss"]["mean"]
-    assert set(s["paired"]) >= {"ivon_pc - ivon", "ivon_pcm - ivon", "alpha_svrg - adamw"}
-    tuned = report["tuning"]
-    assert set(tuned["best"]) == {"alpha_svrg", "ivon_pc", "ivon_pcm"}
-    assert tuned["best"]["ivon_pc"]["alpha"] in (0.25, 1.0)
-    # the reported runs use the tuned values and never the tuning seed
+    assert set(s["methods"]) == set(METHODS)
+    for m in METHODS:
+        for b in budgets:
+            assert s["methods"][m][str(b)]["final_report_loss"]["n"] == 2
+    for r in report["runs"]:   # each run is read at its schedule's end, within its budget
+        assert r["final"]["step"] == r["shape"]["steps"] and r["final"]["examples"] <= r["cfg"]["budget"]
+    assert s["methods"]["ivon"]["1280"]["steps"] == 40 and s["methods"]["ivon_3x"]["1280"]["steps"] == 13
+    # corrected (start at 20%, refresh 10, mega-batch 10), in batches of 32: 13 steps cost 13 + 10 + 10 = 33
+    # (1,056 examples), 14 would cost 45 (1,440 > 1,280); 28 cost 28 + 22 + 30 = 80 (2,560), 29 cost 82
+    assert s["methods"]["ivon_pcm"]["1280"]["steps"] == 13 and s["methods"]["ivon_pcm"]["2560"]["steps"] == 28
+    assert s["equal_steps"] == {}   # no corrected run here has as many steps as a plain one
+    assert s["methods"]["ivon_pcm"]["1280"]["pc/grad_var_ratio"]["mean"] > 0
+    assert "predictive_nll" in s["methods"]["ivon_pcm"]["1280"]
+    assert set(s["paired"]) >= {"ivon_pcm - ivon", "ivon_pcm - ivon_3x", "alpha_svrg - adamw"}
+    assert set(s["equal_time"]) == {"1280", "2560"}
+    for t in report["tuning"]:
+        assert set(t["lr"]) == set(METHODS) and set(t["best"]) == set(E.CORRECTED)
+        assert all(len(curve) == 3 for curve in t["lr_curve"].values())   # quick: no growth
+    # the reported runs use each budget's tuned values and never the tuning seed
+    tuned = {t["budget"]: t for t in report["tuning"]}
     for r in report["runs"]:
         assert r["cfg"]["seed"] != C.TUNE_SEED
+        assert r["cfg"]["lr"] == tuned[r["cfg"]["budget"]]["lr"][r["cfg"]["method"]]
         if r["cfg"]["method"] == "ivon_pcm":
-            assert r["cfg"]["alpha"] == tuned["best"]["ivon_pcm"]["alpha"]
-    # Fig. 6's sweeps around IVON-PCM's tuned settings, the reported runs as the base values
-    sw = report["sweeps"]
-    assert list(sw["refresh"]) == ["5", "10", "20", "40"] and list(sw["start_ratio"]) == ["0.2", "0.25", "0.75"]
-    assert sw["refresh"]["10"]["final_eval_loss"] == s["methods"]["ivon_pcm"]["final_eval_loss"]
-    assert sw["start_ratio"]["0.75"]["ivon_drop_there"]["n"] == 2
-    assert (tmp_path / "digits_sweeps.png").stat().st_size > 10_000   # the Fig. 6 analogue, plotted
-    saved = json.loads((tmp_path / "digits.json").read_text())
-    assert saved["summary"]["equal_examples"] == s["equal_examples"]
-    # a second call trains nothing: every run comes from the cache, and --report_only agrees
-    again = evidence.main(["--regime", "digits", "--quick", "--seeds", "2", "--out", str(tmp_path), "--report_only",
-                           "--sweeps"])
-    assert again["summary"]["methods"]["ivon_pcm"] == json.loads(json.dumps(s["methods"]["ivon_pcm"]))
-    table = evidence.main(["--regime", "digits", "--out", str(tmp_path), "--status"])["status"]
+            assert r["cfg"]["alpha"] == tuned[r["cfg"]["budget"]]["best"]["ivon_pcm"]["alpha"]
+    # a second call trains nothing, and --report_only agrees
+    again = E.main(["--regime", "digits", "--quick", "--seeds", "2", "--budgets", "1,2", "--out", str(tmp_path),
+                    "--report_only"])
+    assert again["summary"] == json.loads(json.dumps(s))
+    table = E.main(["--regime", "digits", "--out", str(tmp_path), "--status"])["status"]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    # + the tuning runs: 3 + 3 learning rates, 3 methods x 2 alphas
-    assert len(rows) == len({json.dumps(r["cfg"], sort_keys=True) for r in report["runs"]}) + 6 + 6
-    assert (tmp_path / "digits_status.md").read_text() == table
+    # per budget: 6 methods x 3 learning rates, 3 corrected methods x alpha 1.0, and 6 x 2 reported
+    assert len(rows) == 2 * (18 + 3 + 12)
 
 
 def test_report_only_refuses_to_train(tmp_path):
-    evidence = load_script("evidence")
+    from research import evidence as E
     with pytest.raises(SystemExit, match="has not finished"):
-        evidence.main(["--regime", "digits", "--quick", "--out", str(tmp_path), "--report_only"])
+        E.main(["--regime", "digits", "--quick", "--out", str(tmp_path), "--report_only"])
+
+
+def test_bad_budgets_are_refused_before_any_run(tmp_path):
+    from research import evidence as E
+    for bad in ("0", "x", "1,-2"):
+        with pytest.raises(SystemExit):
+            E.main(["--regime", "digits", "--budgets", bad, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):   # smaller than one corrected step's examples
+        E.main(["--regime", "digits", "--budgets", "0.001", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
 
 
 def test_the_code_version_follows_the_sources_a_run_depends_on(tmp_path, monkeypatch):
@@ -122,7 +147,7 @@ def test_the_code_version_follows_the_sources_a_run_depends_on(tmp_path, monkeyp
     assert C.code_version() != v
     monkeypatch.undo()
 
-    evidence = load_script("evidence")
+    from research import evidence
     cfg = {"method": "ivon", "seed": 0, "lr": 0.3}
     key = evidence.run_key("digits", cfg)
     C.cached(tmp_path / "runs", dict(key, code="0" * 16), lambda: {"final": {"eval_loss": 1.0}})

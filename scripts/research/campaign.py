@@ -38,8 +38,8 @@ def torch_threads(n: int):
 
 
 class CPUClock(TrainerCallback):
-    """Process CPU time spent in training steps (evaluation excluded) at each evaluation, and the
-    optimizer's diagnostics at each log. With one thread per process, CPU time is the time the
+    """Process CPU time spent in training steps (evaluation excluded) at each evaluation (one point
+    per step, holding every evaluation set's metrics), and the optimizer's diagnostics at each log. With one thread per process, CPU time is the time the
     run would take alone, also when other runs share the machine."""
 
     def __init__(self):
@@ -52,9 +52,11 @@ class CPUClock(TrainerCallback):
         self.cpu_s += time.process_time() - self.t0
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
-        self.points.append({"step": state.global_step, "cpu_s": self.cpu_s,
-                            **{k: v for k, v in (metrics or {}).items() if k.startswith("eval_")
-                               and isinstance(v, (int, float))}})
+        # several evaluation sets (a dict eval_dataset) report one after another: one point
+        if not self.points or self.points[-1]["step"] != state.global_step:
+            self.points.append({"step": state.global_step, "cpu_s": self.cpu_s})
+        self.points[-1].update({k: v for k, v in (metrics or {}).items() if k.startswith("eval_")
+                                and isinstance(v, (int, float))})
 
     def on_log(self, args, state, control, logs=None, **kw):
         keep = {k: v for k, v in (logs or {}).items() if k.startswith("pc/") or k == "loss"}
@@ -111,6 +113,24 @@ def stale_runs(cache: Path, key: dict) -> list[Path]:
         if other.get("code") != key.get("code") and {k: v for k, v in other.items() if k != "code"} == want:
             out.append(path)
     return out
+
+
+def steps_for_budget(budget: int, batch: int, corrected: bool, start_ratio: float = 0.0,
+                     refresh: int = 10, factor: int = 10) -> int:
+    """The most optimizer steps whose gradient evaluations (:func:`gradient_evaluations`, the
+    correction starting at ``ceil(start_ratio x steps)``) fit in ``budget``: the length of a run
+    whose own schedule ends at that budget."""
+    if budget < batch:
+        raise ValueError(f"budget={budget} is invalid: accepted range is at least one batch ({batch})")
+
+    def cost(s: int) -> int:
+        return gradient_evaluations(s, batch, corrected, math.ceil(start_ratio * s), refresh, factor)
+
+    lo, hi = 1, budget // batch          # cost(s) >= s batch, so no longer run fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid - 1)
+    return lo
 
 
 def cached(cache: Path, key: dict, fn: Callable[[], dict]) -> dict:

@@ -14,13 +14,16 @@ import torch
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_HOW = "apt-get install dataset-fashion-mnist (Debian)"
+#: training images held out as the selection split (never trained on)
+SELECT = {"image": 5000, "digits": 200}
 
-SPEC = dict(steps=1500, batch=64, eval_every=150, start_ratio=0.2, refresh=10, factor=10,
+#: ``steps`` x ``batch`` is the base budget (gradient evaluations) the campaign's budgets multiply
+SPEC = dict(steps=1500, batch=64, evals=10, start_ratio=0.2, refresh=10, factor=10,
             scheduler="cosine_with_min_lr", warmup_ratio=0.0,
             ivon=dict(weight_decay=1e-4, ivon_ess=60000.0, ivon_hess_init=0.1),
             adamw=dict(weight_decay=0.01),
             grids={"adamw": [1e-3, 3e-3, 1e-2], "ivon": [0.1, 0.3, 1.0]})
-DIGITS = {**SPEC, "steps": 40, "batch": 32, "eval_every": 10,
+DIGITS = {**SPEC, "steps": 40, "batch": 32, "evals": 4,
           "ivon": dict(weight_decay=1e-4, ivon_ess=1500.0, ivon_hess_init=0.1)}
 
 
@@ -81,7 +84,9 @@ class SmallCNN(torch.nn.Module):
 
 
 def model_and_data(name: str, seed: int):
-    """A fresh CNN (seeded) and the training and test images of ``name`` ("image" or "digits")."""
+    """A fresh CNN (seeded); the training images but the last ``select`` of them, which are the
+    selection split hyperparameters are chosen by; the test images, which results are read on."""
     torch.manual_seed(seed)
     x, y, xt, yt = images(name)
-    return SmallCNN(side=x.shape[-1]), Images(x, y), Images(xt, yt)
+    k = len(y) - SELECT[name]
+    return SmallCNN(side=x.shape[-1]), Images(x[:k], y[:k]), Images(x[k:], y[k:]), Images(xt, yt)

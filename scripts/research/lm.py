@@ -8,7 +8,8 @@ from functools import lru_cache
 
 import torch
 
-SPEC = dict(steps=1000, batch=16, eval_every=100, block=64, start_ratio=0.5, refresh=10,
+#: ``steps`` x ``batch`` is the base budget (gradient evaluations) the campaign's budgets multiply
+SPEC = dict(steps=1000, batch=16, evals=10, block=64, start_ratio=0.5, refresh=10,
             factor=10, scheduler="cosine", warmup_ratio=0.05, ivon=dict(weight_decay=1e-6),
             adamw=dict(weight_decay=0.1, adam_beta2=0.95),
             grids={"adamw": [1e-3, 3e-3, 1e-2], "ivon": [0.1, 0.3, 1.0]})
@@ -50,8 +51,9 @@ class CharWindows(torch.utils.data.Dataset):
 
 
 def model_and_data(seed: int, spec: dict = SPEC):
-    """A fresh GPT-2 (seeded), the training windows (twice the run's examples, evenly spread) and
-    256 validation windows."""
+    """A fresh GPT-2 (seeded), every training window, and 512 validation windows (evenly spread
+    over the held-out tail of each play) split alternately into a selection half, which
+    hyperparameters are chosen by, and a report half, which results are read on."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -59,4 +61,6 @@ def model_and_data(seed: int, spec: dict = SPEC):
     block = spec["block"]
     cfg = GPT2Config(vocab_size=len(vocab), n_positions=block, n_embd=128, n_layer=4, n_head=4,
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg), CharWindows(train, block, spec["steps"] * spec["batch"] * 2), CharWindows(val, block, 256)
+    held_out = CharWindows(val, block, 512)
+    select, report = (torch.utils.data.Subset(held_out, range(i, len(held_out), 2)) for i in (0, 1))
+    return GPT2LMHeadModel(cfg), CharWindows(train, block), select, report

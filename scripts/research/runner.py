@@ -2,9 +2,10 @@
 (:mod:`research.lm`), ``image`` and ``digits`` (:mod:`research.image`).
 
 One run trains one method with one configuration through ``PCTrainer`` (single-threaded, so that
-its CPU time is its cost) and returns its validation curve at equal steps, gradient evaluations
+its CPU time is its cost) on a schedule that ends at its own budget of gradient evaluations, and
+returns its curve on the selection and the report splits against steps, gradient evaluations
 and CPU time, the optimizer's diagnostics, how far h moved from h0, and for classifiers the
-posterior predictive against the mean.
+posterior predictive against the mean on the report split.
 """
 
 from __future__ import annotations
@@ -15,22 +16,51 @@ import tempfile
 import torch
 
 from . import image, lm
-from .campaign import CPUClock, gradient_evaluations, torch_threads
+from .campaign import CPUClock, gradient_evaluations, steps_for_budget, torch_threads
 
 #: per regime: the run's shape and every method's fixed settings (the tuned ones come per run)
 REGIMES = {"lm": lm.SPEC, "image": image.SPEC, "digits": image.DIGITS}
 #: the paper's outer momentum for GPT-2 pretraining (App. D.2): IVON-PCM's rho
 PAPER_RHO = (0.6, 0.1)
-METHODS = ("adamw", "alpha_svrg", "ivon", "ivon_pc", "ivon_pcm")
+#: the methods of a run's ``cfg["method"]``: ``ivon_3x`` is IVON with a mini-batch three times
+#: larger (as many gradient evaluations per step as a corrected step's two passes and its share of
+#: the mega-batch, roughly: what the correction's variance reduction must beat)
+METHODS = ("adamw", "alpha_svrg", "ivon", "ivon_3x", "ivon_pc", "ivon_pcm")
+PC_METHOD = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon", "ivon_3x": "ivon",
+             "ivon_pc": "ivon_pcm", "ivon_pcm": "ivon_pcm"}
+CORRECTED = ("alpha_svrg", "ivon_pc", "ivon_pcm")
 
 
 def _model_and_data(regime: str, seed: int):
     return lm.model_and_data(seed, REGIMES[regime]) if regime == "lm" else image.model_and_data(regime, seed)
 
 
+def base_budget(regime: str) -> int:
+    """The regime's base budget in gradient evaluations (its ``steps`` x ``batch``)."""
+    return REGIMES[regime]["steps"] * REGIMES[regime]["batch"]
+
+
+def run_shape(regime: str, cfg: dict) -> dict:
+    """A run's batch, steps and correction start: the schedule (warm-up, cosine, the correction's
+    start) of every run ends at its own budget, ``cfg["budget"]`` gradient evaluations (default:
+    the regime's base budget)."""
+    r = REGIMES[regime]
+    method = cfg["method"]
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is invalid: accepted are {METHODS}")
+    batch = r["batch"] * (3 if method == "ivon_3x" else 1)
+    corrected = method in CORRECTED
+    refresh, start_ratio = cfg.get("refresh", r["refresh"]), cfg.get("start_ratio", r["start_ratio"])
+    budget = cfg.get("budget", base_budget(regime))
+    steps = steps_for_budget(budget, batch, corrected, start_ratio, refresh, r["factor"])
+    return {"batch": batch, "steps": steps, "corrected": corrected, "refresh": refresh,
+            "start_ratio": start_ratio, "start": math.ceil(start_ratio * steps) if corrected else 0,
+            "eval_every": max(1, steps // r["evals"])}
+
+
 def train_run(regime: str, cfg: dict, threads: int = 1) -> dict:
-    """One run on ``threads`` threads (its CPU time is its cost): ``cfg`` holds method, seed, lr
-    and, for the corrected methods, alpha, mean_term_weight (w) and rho; the regime fixes the
+    """One run on ``threads`` threads (its CPU time is its cost): ``cfg`` holds method, seed, lr,
+    budget and, for the corrected methods, alpha, mean_term_weight (w) and rho; the regime fixes the
     rest. The caller's thread count is restored afterwards."""
     with torch_threads(threads):
         return _train_run(regime, cfg)
@@ -42,24 +72,21 @@ def _train_run(regime: str, cfg: dict) -> dict:
     from hf_ivonpc.trainer import PCTrainer
 
     r = REGIMES[regime]
-    method = cfg["method"]
-    pc = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon"}.get(method, "ivon_pcm")
-    model, train, val = _model_and_data(regime, cfg["seed"])
+    shape = run_shape(regime, cfg)
+    pc = PC_METHOD[cfg["method"]]
+    model, train, select, report = _model_and_data(regime, cfg["seed"])
     classifier = regime != "lm"
-    kw = dict(pc_method=pc, max_steps=r["steps"], learning_rate=cfg["lr"],
-              per_device_train_batch_size=r["batch"], per_device_eval_batch_size=256,
+    kw = dict(pc_method=pc, max_steps=shape["steps"], learning_rate=cfg["lr"],
+              per_device_train_batch_size=shape["batch"], per_device_eval_batch_size=256,
               lr_scheduler_type=r["scheduler"], warmup_steps=r["warmup_ratio"], max_grad_norm=1.0,
-              eval_strategy="steps", eval_steps=r["eval_every"], eval_on_start=True,
-              logging_steps=r["eval_every"], save_strategy="no", report_to=[], disable_tqdm=True,
+              eval_strategy="steps", eval_steps=shape["eval_every"], eval_on_start=True,
+              logging_steps=shape["eval_every"], save_strategy="no", report_to=[], disable_tqdm=True,
               use_cpu=True, seed=cfg["seed"], dataloader_num_workers=0)
     if r["scheduler"] == "cosine_with_min_lr":   # annealed to a quarter of the start value
         kw["lr_scheduler_kwargs"] = {"min_lr_rate": 0.25}
     kw.update(r["adamw"] if pc in ("none", "alpha_svrg") else r["ivon"])
-    corrected = pc in ("alpha_svrg", "ivon_pcm")
-    # the sweeps vary the refresh interval and the start of the correction per run
-    refresh, start_ratio = cfg.get("refresh", r["refresh"]), cfg.get("start_ratio", r["start_ratio"])
-    if corrected:
-        kw.update(pc_start_ratio=start_ratio, pc_refresh_steps=refresh,
+    if shape["corrected"]:
+        kw.update(pc_start_ratio=shape["start_ratio"], pc_refresh_steps=shape["refresh"],
                   pc_megabatch_factor=r["factor"], pc_alpha=cfg["alpha"], pc_rho1=cfg.get("rho", (0, 0))[0])
     if pc == "ivon_pcm":
         kw.update(pc_rho2=cfg.get("rho", (0, 0))[1], pc_mean_term_weight=cfg["w"])
@@ -67,21 +94,22 @@ def _train_run(regime: str, cfg: dict) -> dict:
     clock = CPUClock()
     with tempfile.TemporaryDirectory() as out:
         args = PCTrainingArguments(output_dir=out, **kw)
-        trainer = PCTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+        trainer = PCTrainer(model=model, args=args, train_dataset=train,
+                            eval_dataset={"select": select, "report": report},
                             compute_metrics=classification_metrics if classifier else None,
                             callbacks=[clock])
         trainer.train()
-        start = math.ceil(start_ratio * r["steps"]) if corrected else 0
-        curve = [dict(p, examples=gradient_evaluations(p["step"], r["batch"], corrected, start,
-                                                       refresh, r["factor"])) for p in clock.points]
-        result = {"cfg": cfg, "regime": regime, "curve": curve, "logs": clock.logs,
-                  "final": curve[-1], "cpu_s": clock.cpu_s, "start_step": start,
+        curve = [dict(p, examples=gradient_evaluations(p["step"], shape["batch"], shape["corrected"],
+                                                       shape["start"], shape["refresh"], r["factor"]))
+                 for p in clock.points]
+        result = {"cfg": cfg, "regime": regime, "shape": shape, "curve": curve, "logs": clock.logs,
+                  "final": curve[-1], "cpu_s": clock.cpu_s, "start_step": shape["start"],
                   "n_params": sum(p.numel() for p in model.parameters())}
         opt = trainer.pc_optimizer
         if opt is not None and hasattr(opt, "posterior_std"):
             result["h_moved"] = h_moved(opt)
             if classifier:
-                result["predictive"] = predictive_vs_mean(trainer, val)
+                result["predictive"] = predictive_vs_mean(trainer, report)
     return result
 
 
