@@ -4,6 +4,7 @@ one tuned by the same rule (the protocol: ``research.evidence``'s docstring, or 
 
     python scripts/evidence.py --regime lm --workers 2            # resumes if stopped
     python scripts/evidence.py --regime image --workers 2         # needs Debian's dataset-fashion-mnist
+    python scripts/evidence.py --regime continual --seeds 5       # the paper's continual claim, per CPU second
     python scripts/evidence.py --regime lm --budgets 1,2,3        # more budgets
     python scripts/evidence.py --regime lm --report_only          # tables and plots from finished runs
     python scripts/evidence.py --regime lm --status               # what has finished so far

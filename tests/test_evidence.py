@@ -166,3 +166,42 @@ def test_torch_threads_gives_the_caller_its_thread_count_back():
             assert torch.get_num_threads() == inside
             raise RuntimeError("a run fails")
     assert torch.get_num_threads() == before
+
+
+def test_continual_regime_continues_the_posterior_and_matches_cpu_seconds(tmp_path, monkeypatch):
+    """The continual regime: one IVON pretraining (weights + posterior, reused), IVON and IVON-PCM
+    continuing its posterior, AdamW fresh, each method's steps from its calibrated CPU time per
+    step, so that every run's schedule ends at about the same CPU time."""
+    from research import evidence as E
+    from research import runner
+
+    folder = tmp_path / "pretrained"
+    monkeypatch.setattr(runner, "pretrained_folder", lambda regime: folder)
+    monkeypatch.setattr(E, "pretrained_folder", lambda regime: folder)
+    loaded = []
+    from hf_ivonpc.tasks import continual as workload
+    real = workload.init_optimizer_from_posterior
+    monkeypatch.setattr(workload, "init_optimizer_from_posterior",
+                        lambda trainer, name: loaded.append(name) or real(trainer, name))
+    report = E.main(["--regime", "continual_tiny", "--quick", "--seeds", "2", "--budgets", "1", "--out", str(tmp_path)])
+    assert (folder / "posterior.safetensors").is_file() and (folder / "model.safetensors").is_file()
+    assert set(report["cost_per_step"]) == {"adamw", "ivon", "ivon_pcm"}
+    # IVON-PCM's step costs more (two passes and the mega-batch), so it gets fewer steps
+    assert report["cost_per_step"]["ivon_pcm"] > report["cost_per_step"]["ivon"]
+    runs = report["runs"]
+    steps = {r["cfg"]["method"]: r["shape"]["steps"] for r in runs}
+    assert steps["ivon_pcm"] < steps["ivon"]
+    for r in runs:   # the paper's continual settings, scaled down
+        if r["cfg"]["method"] == "ivon_pcm":
+            assert r["cfg"]["alpha"] == 0.7 and r["cfg"]["rho"] == [0.3, 0.05]
+    # every IVON run started from the pretraining posterior; AdamW's did not
+    ivon_runs = [r for r in runs if r["cfg"]["method"] != "adamw"]
+    n_ivon = sum(1 for t in report["tuning"] for m in t["lr_curve"] if m != "adamw" for _ in t["lr_curve"][m])
+    assert len(loaded) == len(ivon_runs) + n_ivon + 2 and set(loaded) == {str(folder)}   # + 2 calibrations
+    assert set(report["summary"]["methods"]) == {"adamw", "ivon", "ivon_pcm"}
+    # a second campaign reuses the pretrained model and every run
+    stamp = (folder / "posterior.safetensors").stat().st_mtime_ns
+    again = E.main(["--regime", "continual_tiny", "--quick", "--seeds", "2", "--budgets", "1", "--out", str(tmp_path),
+                    "--report_only"])
+    assert again["summary"] == json.loads(json.dumps(report["summary"]))
+    assert (folder / "posterior.safetensors").stat().st_mtime_ns == stamp

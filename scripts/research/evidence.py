@@ -29,6 +29,11 @@ run and a plain one have the same number of steps), and at equal CPU time (each 
 loss against its mean CPU seconds over budgets, interpolated in log time at the plain IVON runs'
 CPU times; not paired). Intervals are 95% t-intervals over seeds.
 
+The ``continual`` regime (:mod:`research.continual`) asks the paper's per-second question: its
+budgets are CPU seconds, each method's steps its budget over its calibrated CPU time per step,
+alpha and rho fixed at the paper's continual values (the learning rate is tuned, by the same
+rule), IVON and IVON-PCM continuing an IVON pretraining's posterior, AdamW starting fresh.
+
 Every finished run is kept in ``<out>/<regime>/runs/<hash>.json``, keyed by its configuration
 and the code version (:func:`research.campaign.code_version`), so an interrupted campaign resumes
 and runs made by other code are never mixed in.
@@ -47,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from .campaign import TUNE_SEED, cached, code_version, fmt_ci, mean_ci, stale_runs, tune_grids
-from .runner import CORRECTED, METHODS, PAPER_RHO, REGIMES, base_budget, run_shape, train_run
+from .runner import (CORRECTED, METHODS, PAPER_RHO, REGIMES, base_budget, budget_unit, pretrained_folder,
+                     run_shape, train_run)
 
 ALPHAS = (0.25, 0.5, 1.0)
 #: the corrected methods' alpha while their learning rate is tuned
@@ -82,13 +88,45 @@ def _refuse(job: tuple) -> dict:
     return cached(Path(cache), key, missing)
 
 
+def methods_of(regime: str) -> tuple[str, ...]:
+    return tuple(REGIMES[regime].get("methods", METHODS))
+
+
 class Campaign:
     def __init__(self, regime: str, out: Path, workers: int, report_only: bool = False):
         self.regime, self.out = regime, out
+        self.spec = REGIMES[regime]
         self.cache = out / regime / "runs"
         self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
         self.started = time.time()
         self.job = _refuse if report_only else _job
+        #: CPU seconds per step of each method (budgets in CPU seconds), from :meth:`calibrate`
+        self.cost: dict[str, float] = {}
+
+    def calibrate(self) -> dict[str, float]:
+        """Each method's CPU seconds per step, from a run of ``calibration_steps`` (cached, on the
+        tuning seed) with the regime's correction start: the budget of a CPU-second regime is
+        converted to steps with it."""
+        n = self.spec.get("calibration_steps", 4 * self.spec["refresh"])
+        runs = self.runs([dict(self.cfg(m, TUNE_SEED, _grid(self.regime, m)[1], None), steps=n, calibration=True)
+                          for m in methods_of(self.regime)])
+        self.cost = {r["cfg"]["method"]: r["cpu_s"] / n for r in runs}
+        return self.cost
+
+    def cfg(self, method: str, seed: int, lr: float, budget, alpha: float | None = None,
+            w: float | None = None) -> dict:
+        """A run's configuration: the method's correction at ``alpha`` and ``w`` (default: the
+        regime's fixed values, else the tuning start), and for CPU-second budgets its steps."""
+        c = dict(method=method, seed=seed, lr=lr, budget=budget)
+        if method in CORRECTED:
+            c["alpha"] = alpha if alpha is not None else self.spec.get("alpha", ALPHA0)
+        if method in ("ivon_pc", "ivon_pcm"):
+            rho = self.spec.get("rho", PAPER_RHO)
+            c.update(w=w if w is not None else self.spec.get("w", WEIGHTS[0]),
+                     rho=list(rho) if method == "ivon_pcm" else [0.0, 0.0])
+        if budget is not None and budget_unit(self.regime) == "cpu_s":
+            c["steps"] = max(1, int(budget / self.cost[method]))
+        return c
 
     def runs(self, cfgs: list[dict]) -> list[dict]:
         jobs = [(self.regime, c, str(self.cache)) for c in cfgs]
@@ -120,21 +158,16 @@ def _grid(regime: str, method: str) -> list[float]:
     return list(REGIMES[regime]["grids"]["adamw" if method in ("adamw", "alpha_svrg") else "ivon"])
 
 
-def _cfg(method: str, seed: int, lr: float, budget: int, alpha: float = ALPHA0, w: float = WEIGHTS[0]) -> dict:
-    c = dict(method=method, seed=seed, lr=lr, budget=budget)
-    if method in CORRECTED:
-        c["alpha"] = alpha
-    if method in ("ivon_pc", "ivon_pcm"):
-        c.update(w=w, rho=list(PAPER_RHO) if method == "ivon_pcm" else [0.0, 0.0])
-    return c
-
-
-def tune(c: Campaign, budget: int, methods=METHODS, alphas=ALPHAS, weights=WEIGHTS, grow: bool = True) -> dict:
-    """The tuning rule of the module docstring at one budget, on TUNE_SEED."""
+def tune(c: Campaign, budget, methods=None, alphas=ALPHAS, weights=WEIGHTS, grow: bool = True) -> dict:
+    """The tuning rule of the module docstring at one budget, on TUNE_SEED (a regime that fixes
+    alpha, as the continual one does, tunes the learning rate only)."""
+    methods = methods or methods_of(c.regime)
+    if "alpha" in c.spec:
+        alphas, weights = (), ()
     lr_runs: dict[str, dict[float, dict]] = {m: {} for m in methods}
 
     def losses_of(pairs):   # every method's runs go in parallel
-        runs = c.runs([_cfg(m, TUNE_SEED, v, budget) for m, v in pairs])
+        runs = c.runs([c.cfg(m, TUNE_SEED, v, budget) for m, v in pairs])
         for (m, v), r in zip(pairs, runs):
             lr_runs[m][v] = r
         return {pair: _loss(r) for pair, r in zip(pairs, runs)}
@@ -148,14 +181,15 @@ def tune(c: Campaign, budget: int, methods=METHODS, alphas=ALPHAS, weights=WEIGH
         stable = [v for v, r in lr_runs[m].items() if _stable(r)]
         tuned["largest_stable_lr"][m] = max(stable) if stable else None
     corrected = [m for m in methods if m in CORRECTED]
-    rows = {m: {(ALPHA0, WEIGHTS[0] if m != "alpha_svrg" else None): _loss(lr_runs[m][tuned["lr"][m]])}
-            for m in corrected}
-    first = c.runs([_cfg(m, TUNE_SEED, tuned["lr"][m], budget, a) for m in corrected for a in alphas if a != ALPHA0])
+    at_lr = {m: lr_runs[m][tuned["lr"][m]]["cfg"] for m in corrected}
+    rows = {m: {(at_lr[m]["alpha"], at_lr[m].get("w")): _loss(lr_runs[m][tuned["lr"][m]])} for m in corrected}
+    first = c.runs([c.cfg(m, TUNE_SEED, tuned["lr"][m], budget, a) for m in corrected for a in alphas
+                    if a != at_lr[m]["alpha"]])
     for r in first:
         rows[r["cfg"]["method"]][(r["cfg"]["alpha"], r["cfg"].get("w"))] = _loss(r)
     best_alpha = {m: min(rows[m], key=rows[m].get)[0] for m in corrected}
-    second = c.runs([_cfg(m, TUNE_SEED, tuned["lr"][m], budget, best_alpha[m], w)
-                     for m in corrected if m != "alpha_svrg" for w in weights if w != WEIGHTS[0]])
+    second = c.runs([c.cfg(m, TUNE_SEED, tuned["lr"][m], budget, best_alpha[m], w)
+                     for m in corrected if m != "alpha_svrg" for w in weights if w != at_lr[m].get("w")])
     for r in second:
         rows[r["cfg"]["method"]][(r["cfg"]["alpha"], r["cfg"]["w"])] = _loss(r)
     for m in corrected:
@@ -166,12 +200,9 @@ def tune(c: Campaign, budget: int, methods=METHODS, alphas=ALPHAS, weights=WEIGH
     return tuned
 
 
-def reported_cfgs(tuned: dict, seeds, methods=METHODS) -> list[dict]:
-    out = []
-    for s in seeds:
-        for m in methods:
-            out.append(_cfg(m, s, tuned["lr"][m], tuned["budget"], **tuned["best"].get(m, {})))
-    return out
+def reported_cfgs(c: Campaign, tuned: dict, seeds) -> list[dict]:
+    return [c.cfg(m, s, tuned["lr"][m], tuned["budget"], **tuned["best"].get(m, {}))
+            for s in seeds for m in tuned["lr"]]
 
 
 def _by(runs: list[dict], method: str, budget: int) -> list[dict]:
@@ -191,7 +222,7 @@ def _corrected_logs(r: dict, key: str) -> list[float]:
     return [e[key] for e in r["logs"] if key in e and e["step"] > r["start_step"] and math.isfinite(e[key])]
 
 
-def summarize(runs: list[dict], budgets: list[int], methods=METHODS) -> dict:
+def summarize(runs: list[dict], budgets: list, methods=METHODS) -> dict:
     classifier = "eval_report_accuracy" in runs[0]["final"]
     out: dict = {"budgets": budgets, "methods": {}, "paired": {}, "equal_steps": {}, "equal_time": {}}
     for m in methods:
@@ -250,13 +281,16 @@ def summarize(runs: list[dict], budgets: list[int], methods=METHODS) -> dict:
 def markdown(report: dict) -> str:
     regime, spec, s = report["regime"], report["spec"], report["summary"]
     budgets = s["budgets"]
+    unit = ("CPU seconds (each method's steps: the budget over its calibrated CPU time per step, "
+            f"{', '.join(f'{m} {v:.3f} s' for m, v in report['cost_per_step'].items())})"
+            if report["budget_unit"] == "cpu_s" else
+            f"gradient evaluations (base {base_budget(regime):,}: {spec['steps']} steps of batch {spec['batch']})")
     lines = [f"# Evidence: regime `{regime}`, budget-matched", "",
-             f"Budgets {', '.join(f'{b:,}' for b in budgets)} gradient evaluations (base {base_budget(regime):,}: "
-             f"{spec['steps']} steps of batch {spec['batch']}); every run's schedule ends at its budget; the "
+             f"Budgets {', '.join(f'{b:,}' for b in budgets)} {unit}; every run's schedule ends at its budget; the "
              f"correction (alpha-SVRG, IVON-PC, IVON-PCM) starts at {spec['start_ratio']:.0%} of its run, refresh "
              f"every {spec['refresh']} steps from {spec['factor']} mini-batches. Seeds {report['seeds']}; mean ± 95% "
              "interval; loss on the report split (hyperparameters were chosen on the selection split). Code "
-             f"{report['code']}.", "", "## Final loss at each budget (equal gradient evaluations)", "",
+             f"{report['code']}.", "", "## Final loss at each budget", "",
              "| method | " + " | ".join(f"{b:,}: loss (steps, CPU s)" for b in budgets) + " |",
              "|---" * (len(budgets) + 1) + "|"]
     for m, per in s["methods"].items():
@@ -300,7 +334,7 @@ def markdown(report: dict) -> str:
             cells = [fmt_ci(v[k], 3) if k in v else "" for k in ("pc/grad_var_ratio", "pc/hess_var_ratio",
                                                                  "pc/clipped_share", "pc/h_out_negative_share")]
             if any(cells):
-                lines.append(f"| {m} | {int(b):,} | " + " | ".join(cells) + " |")
+                lines.append(f"| {m} | {float(b):,g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -394,11 +428,13 @@ def main(argv=None) -> dict:
         ap.error(f"--seeds={a.seeds} is invalid: accepted is an integer >= 1")
     if a.workers < 1:
         ap.error(f"--workers={a.workers} is invalid: accepted is an integer >= 1")
-    budgets = sorted({int(round(x * base_budget(a.regime))) for x in mults})
+    seconds = budget_unit(a.regime) == "cpu_s"
+    budgets = sorted({round(x * base_budget(a.regime), 1) if seconds else int(round(x * base_budget(a.regime)))
+                      for x in mults})
     for b in budgets:   # every method's schedule must fit: refused here, before any training
-        for m in METHODS:
+        for m in methods_of(a.regime):
             try:
-                run_shape(a.regime, {"method": m, "budget": b})
+                run_shape(a.regime, {"method": m, "budget": b, "steps": 1 if seconds else None})
             except ValueError as e:
                 ap.error(f"--budgets={a.budgets!r} is invalid for {m}: {e}")
     if a.regime == "image":
@@ -412,15 +448,21 @@ def main(argv=None) -> dict:
         (out / f"{a.regime}_status.md").write_text(text)
         print(text)
         return {"status": text}
+    if a.regime.startswith("continual") and not a.report_only:   # once, before the workers start
+        from .continual import pretrained
+        pretrained(pretrained_folder(a.regime), REGIMES[a.regime])
     c = Campaign(a.regime, out, 1 if a.report_only else a.workers, a.report_only)
     kw = dict(alphas=(0.5, 1.0), weights=(WEIGHTS[0],), grow=False) if a.quick else {}
     try:
+        if seconds:
+            c.calibrate()
         tuning = [tune(c, b, **kw) for b in budgets]
-        runs = [r for t in tuning for r in c.runs(reported_cfgs(t, range(a.seeds)))]
+        runs = [r for t in tuning for r in c.runs(reported_cfgs(c, t, range(a.seeds)))]
     finally:
         c.close()
     report = {"regime": a.regime, "spec": REGIMES[a.regime], "seeds": list(range(a.seeds)), "code": code_version(),
-              "budgets": budgets, "tuning": tuning, "summary": summarize(runs, budgets), "runs": runs}
+              "budgets": budgets, "budget_unit": budget_unit(a.regime), "cost_per_step": c.cost,
+              "tuning": tuning, "summary": summarize(runs, budgets, methods_of(a.regime)), "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{a.regime}.json").write_text(json.dumps(report, indent=1, default=str))
     (out / f"{a.regime}.md").write_text(markdown(report))

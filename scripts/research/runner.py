@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import math
 import tempfile
+from pathlib import Path
 
 import torch
 
-from . import image, lm
+from . import continual, image, lm
 from .campaign import CPUClock, gradient_evaluations, steps_for_budget, torch_threads
 
 #: per regime: the run's shape and every method's fixed settings (the tuned ones come per run)
-REGIMES = {"lm": lm.SPEC, "image": image.SPEC, "digits": image.DIGITS}
+REGIMES = {"lm": lm.SPEC, "image": image.SPEC, "digits": image.DIGITS, "continual": continual.SPEC,
+           "continual_tiny": continual.TINY}
 #: the paper's outer momentum for GPT-2 pretraining (App. D.2): IVON-PCM's rho
 PAPER_RHO = (0.6, 0.1)
 #: the methods of a run's ``cfg["method"]``: ``ivon_3x`` is IVON with a mini-batch three times
@@ -31,13 +33,31 @@ PC_METHOD = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon", "ivon_
 CORRECTED = ("alpha_svrg", "ivon_pc", "ivon_pcm")
 
 
+def pretrained_folder(regime: str) -> Path:
+    """Where a continual regime keeps its pretrained model (the data cache: weights are never
+    committed)."""
+    from hf_ivonpc.data import cache_dir
+
+    return Path(cache_dir()) / "research" / regime
+
+
 def _model_and_data(regime: str, seed: int):
-    return lm.model_and_data(seed, REGIMES[regime]) if regime == "lm" else image.model_and_data(regime, seed)
+    if regime == "lm":
+        return lm.model_and_data(seed, REGIMES[regime])
+    if regime.startswith("continual"):
+        return continual.model_and_data(seed, REGIMES[regime], pretrained_folder(regime))
+    return image.model_and_data(regime, seed)
 
 
-def base_budget(regime: str) -> int:
-    """The regime's base budget in gradient evaluations (its ``steps`` x ``batch``)."""
-    return REGIMES[regime]["steps"] * REGIMES[regime]["batch"]
+def budget_unit(regime: str) -> str:
+    """"examples" (gradient evaluations) or "cpu_s" (CPU seconds of one thread)."""
+    return REGIMES[regime].get("budget_unit", "examples")
+
+
+def base_budget(regime: str) -> float:
+    """The regime's base budget: gradient evaluations (its ``steps`` x ``batch``) or CPU seconds."""
+    r = REGIMES[regime]
+    return r["cpu_s"] if budget_unit(regime) == "cpu_s" else r["steps"] * r["batch"]
 
 
 def run_shape(regime: str, cfg: dict) -> dict:
@@ -51,8 +71,14 @@ def run_shape(regime: str, cfg: dict) -> dict:
     batch = r["batch"] * (3 if method == "ivon_3x" else 1)
     corrected = method in CORRECTED
     refresh, start_ratio = cfg.get("refresh", r["refresh"]), cfg.get("start_ratio", r["start_ratio"])
-    budget = cfg.get("budget", base_budget(regime))
-    steps = steps_for_budget(budget, batch, corrected, start_ratio, refresh, r["factor"])
+    if budget_unit(regime) == "cpu_s":   # the campaign converts seconds to steps per method
+        if not (isinstance(cfg.get("steps"), int) and cfg["steps"] >= 1):
+            raise ValueError(f"steps={cfg.get('steps')!r} is invalid for regime {regime!r}: accepted is an "
+                             "integer >= 1 (its budgets are CPU seconds, converted by the campaign)")
+        steps = cfg["steps"]
+    else:
+        steps = steps_for_budget(cfg.get("budget", base_budget(regime)), batch, corrected, start_ratio,
+                                 refresh, r["factor"])
     return {"batch": batch, "steps": steps, "corrected": corrected, "refresh": refresh,
             "start_ratio": start_ratio, "start": math.ceil(start_ratio * steps) if corrected else 0,
             "eval_every": max(1, steps // r["evals"])}
@@ -75,7 +101,7 @@ def _train_run(regime: str, cfg: dict) -> dict:
     shape = run_shape(regime, cfg)
     pc = PC_METHOD[cfg["method"]]
     model, train, select, report = _model_and_data(regime, cfg["seed"])
-    classifier = regime != "lm"
+    classifier = regime in ("image", "digits")
     kw = dict(pc_method=pc, max_steps=shape["steps"], learning_rate=cfg["lr"],
               per_device_train_batch_size=shape["batch"], per_device_eval_batch_size=256,
               lr_scheduler_type=r["scheduler"], warmup_steps=r["warmup_ratio"], max_grad_norm=1.0,
@@ -98,6 +124,9 @@ def _train_run(regime: str, cfg: dict) -> dict:
                             eval_dataset={"select": select, "report": report},
                             compute_metrics=classification_metrics if classifier else None,
                             callbacks=[clock])
+        if regime.startswith("continual") and pc in ("ivon", "ivon_pcm"):   # IVON continues its posterior
+            from hf_ivonpc.tasks.continual import init_optimizer_from_posterior
+            init_optimizer_from_posterior(trainer, str(pretrained_folder(regime)))
         trainer.train()
         curve = [dict(p, examples=gradient_evaluations(p["step"], shape["batch"], shape["corrected"],
                                                        shape["start"], shape["refresh"], r["factor"]))
