@@ -31,7 +31,7 @@ SPEC = dict(budget_unit="cpu_s", cpu_s=120.0, batch=16, evals=10, block=64, star
             methods=("adamw", "ivon", "ivon_pcm"), alpha=0.7, rho=(0.3, 0.05),
             pretrain=dict(steps=1000, lr=1.0, seed=0))
 #: a tiny version for the tests (seconds)
-TINY = {**SPEC, "cpu_s": 1.0, "batch": 8, "evals": 2, "block": 32, "refresh": 4, "factor": 4,
+TINY = {**SPEC, "cpu_s": 0.5, "batch": 8, "evals": 2, "block": 32, "refresh": 4, "factor": 4,
         "pretrain": dict(steps=6, lr=1.0, seed=0), "windows": 400}
 
 
