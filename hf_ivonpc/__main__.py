@@ -18,6 +18,7 @@ COMMANDS = {
     "xsum": ("hf_ivonpc.tasks.xsum", "summarization fine-tuning, ROUGE (App. D.4)"),
     "gsm8k": ("hf_ivonpc.tasks.gsm8k", "LoRA fine-tuning on math word problems, exact match (App. D.4)"),
     "vit": ("hf_ivonpc.tasks.vit", "CLIP ViT fine-tuning for image classification (App. D.4)"),
+    "dpo": ("hf_ivonpc.tasks.dpo", "DPO with LoRA on preference pairs: reward accuracy, preference loss"),
     "mcqa": ("hf_ivonpc.tasks.mcqa", "LoRA fine-tuning on multiple-choice questions: calibration, mean vs predictive"),
     "prepare": ("hf_ivonpc.data.prepare", "tokenize a corpus into train.bin / val.bin memmaps"),
     "posterior": ("hf_ivonpc.tasks.posterior", "inspect or convert a posterior"),

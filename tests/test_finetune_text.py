@@ -93,24 +93,6 @@ def smollm2():
     return sft.load_causal_lm("smollm2")
 
 
-def test_prompt_completion_labels(tokenizer):
-    prompt = sft.build_prompt(tokenizer, "What is 2 + 3?")
-    assert prompt.endswith("<|im_start|>assistant\n") and "What is 2 + 3?" in prompt
-    p_len = len(sft.encode_prompt(tokenizer, prompt))
-    masked = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"])[0]
-    full = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"], loss_on_prompt=True)[0]
-    assert masked["input_ids"] == full["input_ids"] == full["labels"]
-    assert masked["labels"][:p_len] == [sft.IGNORE_INDEX] * p_len
-    assert masked["labels"][p_len:] == masked["input_ids"][p_len:]
-    assert masked["input_ids"][-1] == tokenizer.eos_token_id        # the model learns to stop
-    assert tokenizer.decode(masked["input_ids"][p_len:-1]) == "#### 5"
-    cut = sft.PromptCompletionDataset(tokenizer, [prompt], ["#### 5"], max_length=p_len + 1)[0]
-    assert len(cut["input_ids"]) == len(cut["labels"]) == p_len + 1
-    batch = sft.data_collator(tokenizer)([masked, cut])
-    assert batch["labels"][1, p_len + 1:].eq(sft.IGNORE_INDEX).all()   # padding carries no loss
-    assert batch["attention_mask"][1].sum() == p_len + 1
-
-
 def test_prompt_without_chat_template(tokenizer):
     plain = tokenizer.__class__.from_pretrained(sft.model_path("smollm2"))
     plain.chat_template = None
@@ -204,26 +186,27 @@ def test_finetune_xsum_offline_default_runs(tmp_path, eager_kernels):
 
 
 class _Recorder:
-    """Replaces the script's PCTrainer by a subclass that keeps its instances."""
+    """Replaces the workloads' PCSFTTrainer by a subclass that keeps its instances."""
 
-    def __init__(self, monkeypatch, module):
-        from hf_ivonpc import PCTrainer
+    def __init__(self, monkeypatch):
+        import hf_ivonpc.trl
+        from hf_ivonpc.trl import PCSFTTrainer
 
         seen = self.seen = []
 
-        class Recording(PCTrainer):
+        class Recording(PCSFTTrainer):
             def __init__(self, *a, **kw):
                 super().__init__(*a, **kw)
                 seen.append(self)
 
-        monkeypatch.setattr(module, "PCTrainer", Recording)
+        monkeypatch.setattr(hf_ivonpc.trl, "PCSFTTrainer", Recording)
 
 
 def test_finetune_gsm8k_offline_default_trains_only_lora_adapters(tmp_path, monkeypatch,
                                                                    eager_kernels):
     from safetensors.torch import load_file
 
-    rec = _Recorder(monkeypatch, G)
+    rec = _Recorder(monkeypatch)
     argv = ["--max_steps", "2", "--max_train_samples", "8", "--per_device_train_batch_size", "2",
             "--pc_megabatch_factor", "1", "--pc_refresh_steps", "1", "--max_length", "32",
             "--max_eval_samples", "2", "--max_predict_samples", "2", "--max_new_tokens", "4",
@@ -275,16 +258,17 @@ PAPER_METHODS = {"adamw": "none", "alpha_svrg": "alpha_svrg", "ivon": "ivon", "i
 @pytest.mark.parametrize("name", _config_names())
 def test_configs_parse_into_the_script_arguments(name):
 
-    from hf_ivonpc import PCTrainingArguments
     from hf_ivonpc.tasks.cli import parse_args
+    from hf_ivonpc.trl import PCSFTConfig
 
     script = S.XsumArguments if name.startswith("xsum") else G.GSM8kArguments
-    cfg = load_config(CONFIGS / name, (script, PCTrainingArguments))
+    cfg = load_config(CONFIGS / name, (script, PCSFTConfig))
     # every value is valid (bf16 needs a GPU: checked below, not built here)
-    args, targs = parse_args((script, PCTrainingArguments), argv=["--config", name, "--bf16", "false"])
+    args, targs = parse_args((script, PCSFTConfig), argv=["--config", name, "--bf16", "false"])
     assert targs.report_to in ([], ["none"], "none") and not targs.fp16
     if name.endswith("_offline.yaml"):
         assert targs.pc_method == "ivon_pcm" and args.model_name_or_path == "smollm2"
+        assert cfg["bf16"] is False and cfg["gradient_checkpointing"] is False   # TRL's defaults are for GPUs
         return
     method = name.split("_paper_")[1].removesuffix(".yaml")
     assert cfg["bf16"] is True and targs.pc_method == PAPER_METHODS[method]
@@ -295,7 +279,7 @@ def test_configs_parse_into_the_script_arguments(name):
     if method in ("ivon_pc", "alpha_svrg"):
         assert (targs.pc_alpha, targs.pc_refresh_steps, targs.pc_rho1) == (0.7, 50, 0.0)
     if name.startswith("gsm8k"):
-        assert args.loss_on_prompt and targs.num_train_epochs == 3
+        assert targs.completion_only_loss is False and targs.num_train_epochs == 3   # input and output tokens
     else:
         assert args.train_split == "train[:50%]" and targs.num_train_epochs == 1
 

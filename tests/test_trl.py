@@ -244,29 +244,49 @@ def test_readme_trl_example_runs(tmp_path, eager_kernels):
     assert type(opt).__name__ == "IVONPC" and opt.correction_active   # pc_start_ratio 0.1 of 2 steps: from step 1
 
 
-def test_trl_prepares_the_tokens_the_project_prepares(tmp_path):
-    """Toward the workloads on TRL: SFTTrainer fed the prompts of ``tasks/sft.py`` (chat template
-    applied) as a prompt-completion dataset tokenizes, masks and pads as ``PromptCompletionDataset``
-    and its collator do, on the offline SmolLM2 tokenizer."""
+@pytest.mark.parametrize("template", [True, False], ids=["chat_template", "plain"])
+def test_workload_data_through_trl_gives_the_tokens_the_project_prepared(tmp_path, template):
+    """The workloads' data (``sft.chat_dataset``) as PCSFTTrainer prepares it: the
+    prompt is exactly what greedy generation feeds the model (``encode_prompt(build_prompt(..))``),
+    then the completion and EOS, as the project's own preparation wrote them before the workloads
+    moved to TRL; with a chat template, the template's newline after its end-of-turn token follows
+    (TRL renders the whole conversation). The loss is on the completion only unless
+    ``completion_only_loss=False``; ``max_length`` cuts; padding is on the right and carries no
+    loss, on the offline SmolLM2 tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_ivonpc.tasks import sft
     tok = sft.load_tokenizer("smollm2")
-    prompts = [sft.build_prompt(tok, m) for m in
-               ("What is 2 + 3?", "Summarize in one sentence: The cat sat on the mat, then it slept.", "Name a colour.")]
+    if not template:
+        tok = tok.__class__.from_pretrained(sft.model_path("smollm2"))
+        tok.chat_template, tok.pad_token = None, tok.eos_token
+    messages = ["What is 2 + 3?", "Summarize in one sentence: The cat sat on the mat, then it slept.",
+                "Name a colour."]
     completions = ["#### 5", "A cat slept on a mat.", " Blue"]
-    ours = sft.PromptCompletionDataset(tok, prompts, completions)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                         num_attention_heads=1, num_key_value_heads=1))
-    args = PCSFTConfig(output_dir=str(tmp_path), pc_method="none", use_cpu=True, bf16=False, report_to=[],
-                       max_length=None)
-    trainer = PCSFTTrainer(model=model, args=args, processing_class=tok,
-                           train_dataset=Dataset.from_dict({"prompt": prompts, "completion": completions}))
-    theirs = trainer.train_dataset
-    for i in range(len(prompts)):
-        assert theirs[i]["input_ids"] == ours[i]["input_ids"], i
-        assert theirs[i]["labels"] == ours[i]["labels"], i
-    ours_batch = sft.data_collator(tok)([ours[i] for i in range(3)])
-    theirs_batch = trainer.data_collator([theirs[i] for i in range(3)])
-    for key in ("input_ids", "attention_mask", "labels"):
-        assert torch.equal(theirs_batch[key], ours_batch[key]), key
+    before = []    # the project's own preparation: prompt + completion + EOS
+    for m, c in zip(messages, completions):
+        p = sft.encode_prompt(tok, sft.build_prompt(tok, m))
+        before.append((p, p + tok(c + tok.eos_token, add_special_tokens=False)["input_ids"]))
+    tail = tok("\n", add_special_tokens=False)["input_ids"] if template else []
+
+    def prepared(**over):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16,
+                                             num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))
+        args = PCSFTConfig(output_dir=str(tmp_path), pc_method="none", use_cpu=True, bf16=False, report_to=[], **over)
+        return PCSFTTrainer(model=model, args=args, processing_class=tok,
+                            train_dataset=sft.chat_dataset(tok, messages, completion=completions))
+
+    trainer = prepared()
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    for (p, ids), row in zip(before, rows):
+        assert row["input_ids"] == ids + tail
+        assert row["labels"] == [-100] * len(p) + row["input_ids"][len(p):]
+    everywhere = prepared(completion_only_loss=False).train_dataset
+    assert [everywhere[i]["labels"] for i in range(3)] == [r["input_ids"] for r in rows]
+    (p, _), cut = before[0], prepared(max_length=len(before[0][0]) + 2).train_dataset[0]
+    assert cut["input_ids"] == rows[0]["input_ids"][:len(p) + 2]
+    batch = trainer.data_collator(rows)
+    short = min(range(3), key=lambda i: len(rows[i]["input_ids"]))
+    n = len(rows[short]["input_ids"])
+    assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (batch["input_ids"].shape[1] - n)
+    assert batch["labels"][short, n:].eq(-100).all()

@@ -118,13 +118,16 @@ def _parse(parser, dataclass_types, cfg_file, default_config, rest):
     return tuple(o for o in out if not isinstance(o, argparse.Namespace))
 
 
-def run_workload(arguments, default_config: str, build_trainer, argv: list[str] | None = None) -> dict:
-    """A workload from end to end: its arguments and ``PCTrainingArguments`` from ``--config``
+def run_workload(arguments, default_config: str, build_trainer, argv: list[str] | None = None,
+                 training_arguments=None) -> dict:
+    """A workload from end to end: its arguments and its trainer's arguments (``training_arguments``,
+    by default ``PCTrainingArguments``; ``PCSFTConfig`` for the TRL workloads) from ``--config``
     (``default_config`` when absent) and the command line, ``build_trainer(args, training_args)``
     -> (trainer, how to report), then :func:`train_and_report`."""
-    from ..args import PCTrainingArguments
+    if training_arguments is None:
+        from ..args import PCTrainingArguments as training_arguments
 
-    args, training_args = parse_args((arguments, PCTrainingArguments), default_config, argv, cli=True)
+    args, training_args = parse_args((arguments, training_arguments), default_config, argv, cli=True)
     trainer, report = build_trainer(args, training_args)
     return train_and_report(trainer, workload_args=dataclasses.asdict(args), **report)
 

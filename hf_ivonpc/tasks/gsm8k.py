@@ -1,13 +1,14 @@
-"""Math word problems: LoRA fine-tuning of a causal LM with PCTrainer (IVON-PCM by default),
-evaluated zero-shot by greedy decoding and exact match (App. D.4 of the paper: Llama-3.1-8B on GSM8k).
+"""Math word problems: LoRA fine-tuning of a causal LM with ``PCSFTTrainer`` (TRL's ``SFTTrainer``,
+IVON-PCM by default), evaluated zero-shot by greedy decoding and exact match (App. D.4 of the paper: Llama-3.1-8B on GSM8k).
 
     hf-ivonpc gsm8k                     # offline default: SmolLM2-135M + LoRA on gsm_symbolic, CPU
     accelerate launch -m hf_ivonpc gsm8k --config gsm8k_paper_ivon_pc
     hf-ivonpc gsm8k --pc_method none --learning_rate 2e-4 --output_dir results/gsm8k_adamw
 
-The question is the user turn of the model's chat template (``Question\\nAnswer:\\n`` without one)
-and the solution, ending in ``#### N``, is the answer; as in the paper the loss covers input and
-output tokens (``--loss_on_prompt false``: the solution only). Only the LoRA adapters (peft) are
+The question is the user turn and the solution, ending in ``#### N``, the assistant turn: TRL's
+prompt-completion data, to which TRL applies the model's chat template (``Question\\nAnswer:\\n``
+without one); as in the paper the loss covers input and output tokens (TRL's
+``completion_only_loss`` false; true: the solution only). Only the LoRA adapters (peft) are
 trained, so only they get optimizer and posterior state. After training: the eval loss on the
 test split and the exact match (%) of the number after the last ``####`` of greedy solutions of
 the first ``max_predict_samples`` test questions, at the posterior mean (plus the "flexible" last-
@@ -21,7 +22,8 @@ Data sets:
   (GSM-Symbolic templates, 85 usable), each example a question and a GSM8k-style solution ending in
   ``#### N``. Train and test use disjoint templates, as GSM8k's train and test problems are
   distinct: every fifth template (17 of 85) is held out for the test split. Examples are drawn
-  deterministically from a seed (train: ``seed``, test: ``seed + 1``). Reasoning-gym's suffix
+  deterministically from a seed (train: ``seed``, test: ``seed + 1``; ``validation``: the training
+  templates under ``seed + 2``). Reasoning-gym's suffix
   "Give the result as your final answer. Do not include units." is removed (GSM8k has none), and
   the solution's final line is written ``#### <answer>`` with reasoning-gym's own answer (its
   solutions sometimes end in "8.0" where the answer is 8).
@@ -48,11 +50,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..args import PCTrainingArguments
-from ..trainer import PCTrainer
 from .cli import run_workload
-from .sft import (CausalLMArguments, PromptCompletionDataset, build_prompt, data_collator,
-                  generation_evaluator, load_lora_model, load_split, load_tokenizer)
+from .sft import (CausalLMArguments, build_prompt, generation_evaluator, load_lora_model, load_split,
+                  load_tokenizer, chat_dataset)
 
 GSM_SYMBOLIC = "gsm_symbolic"
 #: reasoning-gym appends this to every question; GSM8k has nothing like it
@@ -118,7 +118,9 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> dict[s
 
 def gsm_symbolic_problems(split: str, n: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """``n`` (question, solution) pairs from reasoning-gym's ``gsm_symbolic``: "train" from the
-    training templates, "test" from the held-out ones (see the module docstring)."""
+    training templates, "test" from the held-out ones (see the module docstring), "validation"
+    from the training templates drawn under another seed (other instances of the templates trained
+    on: a selection set that is neither trained on nor the test split)."""
     try:
         import reasoning_gym
         from reasoning_gym.arithmetic.gsm_symbolic.gsm_symbolic import tasks_ok
@@ -127,14 +129,15 @@ def gsm_symbolic_problems(split: str, n: int, seed: int = 0) -> tuple[list[str],
 
         raise MissingDataError("the gsm_symbolic data needs reasoning-gym: run "
                                "`pip install reasoning-gym==0.1.25`") from e
-    if split not in ("train", "test"):
-        raise ValueError(f"split={split!r} is invalid for gsm_symbolic: accepted values are 'train', 'test'")
+    splits = ("train", "test", "validation")
+    if split not in splits:
+        raise ValueError(f"split={split!r} is invalid for gsm_symbolic: accepted values are {splits}")
     held_out = set(sorted(tasks_ok)[::HELD_OUT_EVERY])
     want_test = split == "test"
     # each example's template is drawn uniformly: about n / share examples give n of this split
     share = len(held_out) / len(tasks_ok) if want_test else 1 - len(held_out) / len(tasks_ok)
     size = int(n / share * 1.5) + 50
-    ds = reasoning_gym.create_dataset(GSM_SYMBOLIC, size=size, seed=seed + want_test)
+    ds = reasoning_gym.create_dataset(GSM_SYMBOLIC, size=size, seed=seed + splits.index(split))
     questions, solutions = [], []
     for i, template in enumerate(ds.task_indices):
         if (template in held_out) != want_test:
@@ -173,13 +176,9 @@ def gsm8k_prompt(tokenizer, question: str) -> str:
     return build_prompt(tokenizer, question, response_prefix="Answer:")
 
 
-def gsm8k_dataset(tokenizer, questions: Sequence[str], solutions: Sequence[str],
-                  max_length: int | None = 512, loss_on_prompt: bool = True) -> PromptCompletionDataset:
-    """Tokenized question -> solution pairs; by default the loss covers input and output tokens,
-    as in the paper's GSM8k runs."""
-    prompts = [gsm8k_prompt(tokenizer, q) for q in questions]
-    return PromptCompletionDataset(tokenizer, prompts, solutions, max_length=max_length,
-                                   loss_on_prompt=loss_on_prompt)
+def gsm8k_dataset(tokenizer, questions: Sequence[str], solutions: Sequence[str]):
+    """Question -> solution pairs as TRL's prompt-completion data set."""
+    return chat_dataset(tokenizer, questions, "Answer:", completion=solutions)
 
 
 @dataclass
@@ -197,10 +196,7 @@ class GSM8kArguments(CausalLMArguments):
         "help": "first N evaluation examples for the eval loss (None: all)"})
     max_predict_samples: int | None = field(default=None, metadata={
         "help": "first N evaluation questions solved by greedy decoding for exact match (None: all)"})
-    max_length: int = field(default=512, metadata={"help": "tokens of question + solution kept for training"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest generated solution, in tokens"})
-    loss_on_prompt: bool = field(default=True, metadata={
-        "help": "loss on input and output tokens, as in the paper (false: on the solution only)"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
@@ -293,8 +289,8 @@ def _with_vote(evaluate, trainer, tokenizer, prompts, references, args: GSM8kArg
     return with_vote
 
 
-def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCTrainer, dict]:
-    """The data, the model and its PCTrainer; the dict holds what :func:`train_and_report` needs
+def build_trainer(args: GSM8kArguments, targs):
+    """The data, the model and its ``PCSFTTrainer`` (``targs``: a ``PCSFTConfig``); the dict holds what :func:`train_and_report` needs
     to finish the run (the generation metrics among them)."""
     if args.generate_samples and targs.pc_method not in ("ivon", "ivon_pcm"):
         raise ValueError(f"generate_samples={args.generate_samples} is invalid with pc_method="
@@ -303,13 +299,13 @@ def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCT
     common = dict(seed=targs.data_seed if targs.data_seed is not None else targs.seed,
                   dataset_config=args.dataset_config)
     questions, solutions = load_problems(args.dataset, args.train_split, args.max_train_samples, **common)
-    train = gsm8k_dataset(tokenizer, questions, solutions, args.max_length, args.loss_on_prompt)
+    train = gsm8k_dataset(tokenizer, questions, solutions)
     # the eval loss reads the first max_eval_samples examples, generation the first max_predict_samples
     sizes = (args.max_eval_samples, args.max_predict_samples)
     questions, solutions = load_problems(args.dataset, args.eval_split,
                                            None if None in sizes else max(sizes), **common)
     n = args.max_eval_samples
-    val = gsm8k_dataset(tokenizer, questions[:n], solutions[:n], args.max_length, args.loss_on_prompt)
+    val = gsm8k_dataset(tokenizer, questions[:n], solutions[:n])
     n = args.max_predict_samples
     prompts = [gsm8k_prompt(tokenizer, q) for q in questions[:n]]
     references = solutions[:n]
@@ -319,8 +315,10 @@ def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCT
         print(f"{type(model.get_base_model()).__name__} + LoRA r={args.lora_r}: {n_trainable / 1e6:.2f}M "
               f"trainable of {n_params / 1e6:.1f}M parameters; {len(train)} training and {len(val)} "
               f"evaluation examples ({args.dataset}); pc_method={targs.pc_method}")
-    trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                        processing_class=tokenizer, data_collator=data_collator(tokenizer))
+    from ..trl import PCSFTTrainer
+
+    trainer = PCSFTTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                           processing_class=tokenizer)
 
     evaluate = generation_evaluator(trainer, tokenizer, prompts, references, exact_match, args.max_new_tokens)
     if args.generate_samples:
@@ -334,4 +332,6 @@ def build_trainer(args: GSM8kArguments, targs: PCTrainingArguments) -> tuple[PCT
 
 
 def main(argv=None) -> dict:
-    return run_workload(GSM8kArguments, "gsm8k_offline", build_trainer, argv)
+    from ..trl import PCSFTConfig
+
+    return run_workload(GSM8kArguments, "gsm8k_offline", build_trainer, argv, training_arguments=PCSFTConfig)

