@@ -9,7 +9,7 @@ import pickle
 
 import pytest
 
-trl = pytest.importorskip("trl", reason="TRL is an optional extra: pip install 'hf_ivonpc[trl]' (Python >= 3.11)")
+trl = pytest.importorskip("trl", reason="TRL comes with the tasks and trl extras: pip install 'hf_ivonpc[trl]'")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402

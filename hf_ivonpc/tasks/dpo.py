@@ -7,7 +7,8 @@ held-out pairs (not in the paper: where preference tuning happens on the Hugging
     hf-ivonpc dpo --dataset pairs.jsonl  # prompt / chosen / rejected columns
 
 The prompt is the user turn and each response an assistant turn (TRL applies the model's chat
-template). Only the LoRA adapters are trained; the reference policy is the model with its adapters
+template). Only the LoRA adapters are trained (in the top two layers in the offline default, so
+that the backward pass stops there); the reference policy is the model with its adapters
 disabled, and its log-probabilities are computed once before training
 (``precompute_ref_log_probs``, on in the offline default: otherwise every theta_out pass of the
 corrected step runs the reference forward again). IVON's effective sample size counts preference
@@ -112,6 +113,9 @@ class DPOArguments(CausalLMArguments):
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "modules given adapters: 'all-linear' (every linear layer but the output head) or a "
                 "comma-separated list such as q_proj,v_proj"})
+    lora_top_layers: int = field(default=0, metadata={
+        "help": "adapters in the top N decoder layers only (0: every layer); the backward pass then stops "
+                "below them"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate before training (base_* metrics: the policy equals its reference, so "
                 "the rewards are 0 and the loss ln 2)"})
