@@ -4,15 +4,15 @@ experiment: every method tuned by one rule, then 3 reported seeds with 95% t-int
     python scripts/preference.py                 # tune, run the seeds, write docs/results/preference/
     python scripts/preference.py --report_only   # rebuild the report from the cached runs only
 
-The workload is the offline default (SmolLM2-135M-Instruct + LoRA on every linear layer, 64
-training pairs of math solutions, correct vs corrupted result, 32 steps of 2 pairs, reference =
+The workload is the offline default (SmolLM2-135M-Instruct + LoRA on the top two layers, 48
+training pairs of math solutions, correct vs corrupted result, 24 steps of 2 pairs, reference =
 the adapters disabled, its log-probabilities precomputed); only the optimizer changes.
 
 The rule, for every method: the learning rate on a 1-3-10 grid (each method its own, grown past
-whichever end is best), on seed 1000 (never reported), chosen by the final preference loss on 64
+whichever end is best), on seed 1000 (never reported), chosen by the final preference loss on 32
 validation pairs (other instances of the training templates: neither trained on nor the test
 pairs). IVON and IVON-PCM share every other setting (the workload's). Then each method at its
-learning rate on seeds 0, 1, 2, read on the 64 test pairs (templates never trained on): the
+learning rate on seeds 0, 1, 2, read on the 32 test pairs (templates never trained on): the
 preference loss, the reward accuracy and margin, at equal steps; the gradient evaluations and the
 CPU seconds of each run (process CPU time, the whole run: data, reference log-probabilities,
 training, evaluation) are reported beside them (IVON-PCM's correction costs more per step).
@@ -82,10 +82,16 @@ def loss_of(r: dict) -> float:
     return loss if math.isfinite(loss) else math.inf
 
 
-def evaluations(method: str, steps: int = 32, batch: int = 2) -> int:
-    """Pairs through forward and backward in a run (the offline default's correction settings:
-    from step ceil(0.25 x 32) = 8, a mega-batch of 4 mini-batches every 8 steps)."""
-    return gradient_evaluations(steps, batch, method == "ivon_pcm", start=8, refresh=8, factor=4)
+def evaluations(method: str) -> int:
+    """Pairs through forward and backward in a run of the offline default (its steps, batch and
+    correction settings)."""
+    from hf_ivonpc.tasks.cli import read_config
+
+    c = read_config("dpo_offline")
+    steps = c["max_steps"]
+    return gradient_evaluations(steps, c["per_device_train_batch_size"], method == "ivon_pcm",
+                                start=math.ceil(c["pc_start_ratio"] * steps), refresh=c["pc_refresh_steps"],
+                                factor=c["pc_megabatch_factor"])
 
 
 def main(argv=None) -> dict:
@@ -121,8 +127,8 @@ def main(argv=None) -> dict:
 def markdown(report: dict) -> str:
     lines = ["# DPO: AdamW, IVON and IVON-PCM on the offline preference pairs", "",
              "Made by `python scripts/preference.py` (see its docstring for the protocol). SmolLM2-135M-Instruct + "
-             "LoRA, 64 training pairs (a math solution vs the same with its result changed), 32 steps of 2 pairs; "
-             f"test: 64 pairs of templates never trained on. Seeds {report['seeds']}, mean ± 95% t-interval; "
+             "LoRA (top two layers), 48 training pairs (a math solution vs the same with its result changed), 24 "
+             f"steps of 2 pairs; test: 32 pairs of templates never trained on. Seeds {report['seeds']}, mean ± 95% t-interval; "
              "the differences are paired by seed.", "",
              "| method | learning rate (tuned) | preference loss | reward accuracy | reward margin | "
              "pairs evaluated | CPU s |", "|---|---:|---:|---:|---:|---:|---:|"]

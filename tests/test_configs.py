@@ -7,7 +7,7 @@ import math
 import pytest
 
 from hf_ivonpc import PCTrainingArguments
-from hf_ivonpc.tasks import continual, gsm8k, mcqa, pretrain, vit, xsum
+from hf_ivonpc.tasks import continual, dpo, gsm8k, mcqa, pretrain, vit, xsum
 from hf_ivonpc.tasks.cli import CONFIGS, ConfigError, list_configs, parse_args, read_config
 
 from _tiny_lm import save_tiny_llama
@@ -16,7 +16,7 @@ from _tiny_lm import save_tiny_llama
 WORKLOADS = {"pretrain": (pretrain, pretrain.PretrainArguments),
              "continual": (continual, continual.ContinualArguments),
              "xsum": (xsum, xsum.XsumArguments), "gsm8k": (gsm8k, gsm8k.GSM8kArguments),
-             "vit": (vit, vit.ViTArguments), "mcqa": (mcqa, mcqa.MCQAArguments)}
+             "dpo": (dpo, dpo.DPOArguments), "vit": (vit, vit.ViTArguments), "mcqa": (mcqa, mcqa.MCQAArguments)}
 CONFIG_NAMES = sorted(list_configs())
 
 
@@ -70,6 +70,9 @@ def _overrides(prefix: str, tmp, lm: str, clip: str) -> list[str]:
         return ["--model_name_or_path", lm, "--dataset", "gsm_symbolic", "--model_dtype", "float32",
                 "--max_train_samples", "24", "--max_eval_samples", "2", "--max_predict_samples", "1",
                 "--max_length", "48"]
+    if prefix == "dpo":
+        return ["--model_name_or_path", lm, "--max_train_samples", "12", "--max_eval_samples", "2",
+                "--max_length", "128", "--lora_top_layers", "1"]
     if prefix == "mcqa":
         return ["--model_name_or_path", lm, "--model_dtype", "float32", "--max_train_samples", "24",
                 "--selection_size", "4", "--max_eval_samples", "2"] + (["--lora_top_layers", "1"] if "offline" in tmp.name else [])
@@ -84,7 +87,9 @@ def test_config_starts(name, tmp_path_factory, tiny_causal_lm, tiny_clip_dir):
     tmp = tmp_path_factory.mktemp(name)
     argv = ["--config", name, "--output_dir", str(tmp)] + COMMON + _overrides(prefix, tmp, tiny_causal_lm,
                                                                              tiny_clip_dir)
-    args, targs = parse_args((cls, PCTrainingArguments), None, argv)
+    # the TRL workloads take TRL's configuration with the variational fields, the others PCTrainingArguments
+    training_arguments = getattr(module, "training_arguments", lambda: PCTrainingArguments)()
+    args, targs = parse_args((cls, training_arguments), None, argv)
     file = read_config(CONFIGS / f"{name}.yaml")
     assert targs.pc_method == file.get("pc_method", "ivon_pcm") and targs.output_dir == str(tmp)  # flags win
     if "offline" in name:   # the offline defaults run on a CPU as they are

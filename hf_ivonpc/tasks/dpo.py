@@ -151,7 +151,12 @@ def build_trainer(args: DPOArguments, targs):
                          plot_keys=("loss", "eval_loss", "rewards/accuracies", "eval_rewards/accuracies"))
 
 
-def main(argv=None) -> dict:
+def training_arguments():
+    """The trainer's arguments: ``PCDPOConfig`` (TRL's ``DPOConfig`` with the variational fields)."""
     from ..trl import PCDPOConfig
 
-    return run_workload(DPOArguments, "dpo_offline", build_trainer, argv, training_arguments=PCDPOConfig)
+    return PCDPOConfig
+
+
+def main(argv=None) -> dict:
+    return run_workload(DPOArguments, "dpo_offline", build_trainer, argv, training_arguments=training_arguments())

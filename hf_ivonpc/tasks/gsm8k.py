@@ -331,7 +331,12 @@ def build_trainer(args: GSM8kArguments, targs):
                          plot_keys=("loss", "eval_loss", "eval_exact_match"))
 
 
-def main(argv=None) -> dict:
+def training_arguments():
+    """The trainer's arguments: ``PCSFTConfig`` (TRL's ``SFTConfig`` with the variational fields)."""
     from ..trl import PCSFTConfig
 
-    return run_workload(GSM8kArguments, "gsm8k_offline", build_trainer, argv, training_arguments=PCSFTConfig)
+    return PCSFTConfig
+
+
+def main(argv=None) -> dict:
+    return run_workload(GSM8kArguments, "gsm8k_offline", build_trainer, argv, training_arguments=training_arguments())

@@ -189,7 +189,12 @@ def build_trainer(args: XsumArguments, targs):
                          plot_keys=("loss", "eval_loss", "eval_rouge1", "eval_rougeL"))
 
 
-def main(argv=None) -> dict:
+def training_arguments():
+    """The trainer's arguments: ``PCSFTConfig`` (TRL's ``SFTConfig`` with the variational fields)."""
     from ..trl import PCSFTConfig
 
-    return run_workload(XsumArguments, "xsum_offline", build_trainer, argv, training_arguments=PCSFTConfig)
+    return PCSFTConfig
+
+
+def main(argv=None) -> dict:
+    return run_workload(XsumArguments, "xsum_offline", build_trainer, argv, training_arguments=training_arguments())
