@@ -1,7 +1,7 @@
 """Supervised fine-tuning of a causal LM on (prompt, completion) pairs, and greedy evaluation.
 
 The training itself is TRL's (``hf_ivonpc.trl.PCSFTTrainer``); what TRL does not do is here.
-What the fine-tuning scripts share (``hf-ivonpc xsum``, ``hf-ivonpc gsm8k``):
+What the fine-tuning scripts share (``hf-ivonpc xsum``, ``gsm8k``, ``dpo``):
 
 - :func:`load_causal_lm` / :func:`load_tokenizer`: a model and its tokenizer from a local folder or
   the Hub ("smollm2": the offline SmolLM2-135M-Instruct), with LoRA through peft on request.
