@@ -50,14 +50,14 @@ def test_preference_pairs_differ_only_in_the_result_and_keep_the_splits_apart():
 
 
 def test_dpo_offline_default_trains_the_adapters_with_ivon_pcm(tmp_path, eager_kernels):
-    """The offline default's settings, shortened, on a one-layer Llama with SmolLM2's tokenizer and
+    """The offline default's settings, shortened, on a two-layer Llama with SmolLM2's tokenizer and
     chat template (the real model's forward passes would only slow the test): IVON-PCM corrects,
     TRL's DPO metrics are logged, the reference is the disabled adapters with precomputed
     log-probabilities, the adapter and its posterior are saved and the card names both."""
     from _tiny_lm import save_tiny_llama
 
     out = tmp_path / "dpo"
-    model = save_tiny_llama(tmp_path / "llama", max_positions=512)
+    model = save_tiny_llama(tmp_path / "llama", max_positions=512, num_layers=2)   # adapters on the top two
     r = D.main(["--model_name_or_path", model, "--output_dir", str(out), "--max_steps", "2", "--max_train_samples", "4",
                 "--max_eval_samples", "2", "--per_device_train_batch_size", "2", "--pc_megabatch_factor", "1",
                 "--pc_refresh_steps", "1", "--pc_start_ratio", "0.5", "--lora_r", "2", "--max_length", "256",
