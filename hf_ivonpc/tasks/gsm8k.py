@@ -1,5 +1,6 @@
 """Math word problems: LoRA fine-tuning of a causal LM with ``PCSFTTrainer`` (TRL's ``SFTTrainer``,
-IVON-PCM by default), evaluated zero-shot by greedy decoding and exact match (App. D.4 of the paper: Llama-3.1-8B on GSM8k).
+IVON-PCM by default), evaluated zero-shot by greedy decoding and exact match (App. D.4 of the
+paper: Llama-3.1-8B on GSM8k).
 
     hf-ivonpc gsm8k                     # offline default: SmolLM2-135M + LoRA on gsm_symbolic, CPU
     accelerate launch -m hf_ivonpc gsm8k --config gsm8k_paper_ivon_pc
@@ -7,7 +8,7 @@ IVON-PCM by default), evaluated zero-shot by greedy decoding and exact match (Ap
 
 The question is the user turn and the solution, ending in ``#### N``, the assistant turn: TRL's
 prompt-completion data, to which TRL applies the model's chat template (``Question\\nAnswer:\\n``
-without one); as in the paper the loss covers input and output tokens (TRL's
+without one); as in the paper the loss covers input and output tokens (the configs set TRL's
 ``completion_only_loss`` false; true: the solution only). Only the LoRA adapters (peft) are
 trained, so only they get optimizer and posterior state. After training: the eval loss on the
 test split and the exact match (%) of the number after the last ``####`` of greedy solutions of
