@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from .cli import run_workload
-from .sft import CausalLMArguments, chat_dataset, load_lora_model, load_split, load_tokenizer
+from .sft import LoRAArguments, chat_dataset, load_lora_model, load_split, load_tokenizer
 
 GSM_SYMBOLIC = "gsm_symbolic"
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -95,7 +95,7 @@ def preference_dataset(tokenizer, prompts: Sequence[str], chosen: Sequence[str],
 
 
 @dataclass
-class DPOArguments(CausalLMArguments):
+class DPOArguments(LoRAArguments):
     dataset: str = field(default=GSM_SYMBOLIC, metadata={
         "help": "gsm_symbolic (offline: math problems, correct vs corrupted solutions; train and test "
                 "from disjoint templates), or a Hub data set / local .jsonl file with prompt, chosen, "
@@ -107,15 +107,6 @@ class DPOArguments(CausalLMArguments):
         "help": "first N training pairs (None: all; gsm_symbolic generates N and needs it)"})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "first N evaluation pairs (None: all; gsm_symbolic generates N and needs it)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "modules given adapters: 'all-linear' (every linear layer but the output head) or a "
-                "comma-separated list such as q_proj,v_proj"})
-    lora_top_layers: int = field(default=0, metadata={
-        "help": "adapters in the top N decoder layers only (0: every layer); the backward pass then stops "
-                "below them"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate before training (base_* metrics: the policy equals its reference, so "
                 "the rewards are 0 and the loss ln 2)"})

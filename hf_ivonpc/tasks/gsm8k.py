@@ -52,7 +52,7 @@ from typing import Sequence
 import numpy as np
 
 from .cli import run_workload
-from .sft import (CausalLMArguments, build_prompt, generation_evaluator, load_lora_model, load_split,
+from .sft import (LoRAArguments, build_prompt, generation_evaluator, load_lora_model, load_split,
                   load_tokenizer, chat_dataset)
 
 GSM_SYMBOLIC = "gsm_symbolic"
@@ -183,7 +183,7 @@ def gsm8k_dataset(tokenizer, questions: Sequence[str], solutions: Sequence[str])
 
 
 @dataclass
-class GSM8kArguments(CausalLMArguments):
+class GSM8kArguments(LoRAArguments):
     dataset: str = field(default="gsm_symbolic", metadata={
         "help": "gsm_symbolic (offline, reasoning-gym; train and test from disjoint templates), "
                 "openai/gsm8k (Hub) or a local .jsonl file with question/answer"})
@@ -198,12 +198,6 @@ class GSM8kArguments(CausalLMArguments):
     max_predict_samples: int | None = field(default=None, metadata={
         "help": "first N evaluation questions solved by greedy decoding for exact match (None: all)"})
     max_new_tokens: int = field(default=256, metadata={"help": "longest generated solution, in tokens"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    lora_target_modules: str = field(default="all-linear", metadata={
-        "help": "modules given adapters: 'all-linear' (every linear layer but the output head) or a "
-                "comma-separated list such as q_proj,v_proj"})
     eval_before_training: bool = field(default=False, metadata={
         "help": "also evaluate the model before fine-tuning (base_* metrics)"})
     generate_samples: int = field(default=0, metadata={

@@ -41,6 +41,20 @@ class CausalLMArguments:
         "help": "auto (flash_attention_2 on a GPU with flash-attn installed, else sdpa), sdpa, eager, ..."})
 
 
+@dataclass
+class LoRAArguments(CausalLMArguments):
+    """The model arguments of the workloads that train LoRA adapters (peft) only."""
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "modules given adapters: 'all-linear' (every linear layer but the output head) or a "
+                "comma-separated list such as q_proj,v_proj"})
+    lora_top_layers: int = field(default=0, metadata={
+        "help": "adapters in the top N decoder layers only (0: every layer); the backward pass then stops "
+                "below them"})
+
+
 def model_path(name_or_path: str) -> str:
     """``name_or_path``, with "smollm2" resolved to the local SmolLM2-135M-Instruct folder."""
     if name_or_path == SMOLLM2:
@@ -96,7 +110,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
 
 
 def load_lora_model(args, seed: int):
-    """``args``' causal LM (``CausalLMArguments``) with LoRA adapters from its ``lora_*`` fields,
+    """``args``' causal LM (``LoRAArguments``, or any with its ``lora_*`` fields) with LoRA adapters,
     the adapters initialised under ``seed``; with its parameter count and trainable count."""
     from transformers import set_seed
 
