@@ -1,7 +1,7 @@
 """AdamW, IVON and IVON-PCM on the offline DPO workload (``hf-ivonpc dpo``), compared as an
 experiment: every method tuned by one rule, then 3 reported seeds with 95% t-intervals.
 
-    python scripts/preference.py                 # tune, run the seeds, write docs/results/preference/
+    python scripts/preference.py --workers 2     # tune, run the seeds, write docs/results/preference/
     python scripts/preference.py --report_only   # rebuild the report from the cached runs only
 
 The workload is the offline default (SmolLM2-135M-Instruct + LoRA on the top two layers, 48
@@ -12,7 +12,9 @@ The rule, for every method: the learning rate on a 1-3-10 grid (each method its 
 whichever end is best), on seed 1000 (never reported), chosen by the final preference loss on 32
 validation pairs (other instances of the training templates: neither trained on nor the test
 pairs). IVON and IVON-PCM share every other setting (the workload's). Then each method at its
-learning rate on seeds 0, 1, 2, read on the 32 test pairs (templates never trained on): the
+learning rate on seeds 0, 1, 2, and the control that changes one thing only (IVON-PCM at IVON's
+tuned learning rate: the correction without a larger step), read on the 32 test pairs (templates
+never trained on): the
 preference loss, the reward accuracy and margin, at equal steps; the gradient evaluations and the
 CPU seconds of each run (process CPU time, the whole run: data, reference log-probabilities,
 training, evaluation) are reported beside them (IVON-PCM's correction costs more per step).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import multiprocessing as mp
 import shutil
 import time
 from pathlib import Path
@@ -40,6 +43,8 @@ METHODS = {"adamw": {"pc_method": "none", "optim": "adamw_torch"},
            "ivon": {"pc_method": "ivon"},
            "ivon_pcm": {"pc_method": "ivon_pcm"}}
 LR_GRIDS = {"adamw": (1e-4, 3e-4, 1e-3), "ivon": (0.1, 0.3, 1.0), "ivon_pcm": (0.1, 0.3, 1.0)}
+#: the arm that adds the correction to IVON and changes nothing else
+CONTROL = "ivon_pcm at ivon's lr"
 REPORTED = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
 #: set by --report_only: a run not in the cache is an error, not trained
 REPORT_ONLY = False
@@ -77,6 +82,18 @@ def run(method: str, seed: int, lr: float, split: str) -> dict:
     return r
 
 
+def _one_thread() -> None:
+    """Pool initializer: one torch thread per worker (a run's CPU seconds are then its cost alone)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_all(jobs: list[tuple], pool) -> list[dict]:
+    """:func:`run` for each ``(method, seed, lr, split)`` of ``jobs``, in the worker pool if any."""
+    return pool.starmap(run, jobs) if pool else [run(*j) for j in jobs]
+
+
 def loss_of(r: dict) -> float:
     loss = r["metrics"]["eval_loss"]
     return loss if math.isfinite(loss) else math.inf
@@ -99,20 +116,37 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="scripts/preference.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report_only", action="store_true", help="only report from cached runs")
+    ap.add_argument("--workers", type=int, default=1, help="runs in parallel, one torch thread each")
     a = ap.parse_args(argv)
+    if a.workers < 1:
+        ap.error(f"--workers={a.workers} is invalid: accepted is an integer >= 1")
     REPORT_ONLY = a.report_only
+    pool = (mp.get_context("spawn").Pool(a.workers, initializer=_one_thread)
+            if a.workers > 1 and not a.report_only else None)
 
-    tuned = tune_grids({m: LR_GRIDS[m] for m in METHODS},
-                       lambda pairs: {(m, lr): loss_of(run(m, TUNE_SEED, lr, "validation")) for m, lr in pairs})
+    def losses_of(pairs):
+        return {p: loss_of(r) for p, r in zip(pairs, run_all([(m, TUNE_SEED, lr, "validation") for m, lr in pairs], pool))}
+
+    tuned = tune_grids({m: LR_GRIDS[m] for m in METHODS}, losses_of)
+    # each method at its own tuned learning rate, and the control that changes one thing only:
+    # IVON-PCM at IVON's learning rate (the correction alone, not the correction and a larger step)
+    arms = {m: (m, lr, losses) for m, (lr, losses, _) in tuned.items()}
+    arms[CONTROL] = ("ivon_pcm", tuned["ivon"][0], None)
+    reported = run_all([(m, s, lr, "test") for m, lr, _ in arms.values() for s in SEEDS], pool)
+    if pool:
+        pool.close()
+        pool.join()
     report = {"methods": {}, "code": code_version(WORKLOAD), "seeds": list(SEEDS)}
-    for m, (lr, losses, grid) in tuned.items():
-        runs = [run(m, s, lr, "test") for s in SEEDS]
-        report["methods"][m] = {
-            "learning_rate": lr, "lr_curve": {str(k): v for k, v in sorted(losses.items())},
+    for i, (name, (m, lr, losses)) in enumerate(arms.items()):
+        runs = reported[i * len(SEEDS):(i + 1) * len(SEEDS)]
+        report["methods"][name] = {
+            "learning_rate": lr, "lr_curve": {str(k): v for k, v in sorted(losses.items())} if losses else None,
             **{k: mean_ci([r["metrics"][k] for r in runs]) for k in REPORTED},
             "cpu_s": mean_ci([r["cpu_s"] for r in runs]), "gradient_evaluations": evaluations(m)}
     base = report["methods"]["ivon"]
-    for m in ("adamw", "ivon_pcm"):
+    for m in report["methods"]:
+        if m == "ivon":
+            continue
         for k in REPORTED:
             diffs = [x - y for x, y in zip(report["methods"][m][k]["values"], base[k]["values"])]
             report["methods"][m][f"{k} - ivon"] = mean_ci(diffs)
@@ -136,14 +170,19 @@ def markdown(report: dict) -> str:
         lines.append(f"| {m} | {r['learning_rate']:g} | {fmt_ci(r['eval_loss'])} | "
                      f"{fmt_ci(r['eval_rewards/accuracies'])} | {fmt_ci(r['eval_rewards/margins'])} | "
                      f"{r['gradient_evaluations']} | {fmt_ci(r['cpu_s'], 0)} |")
-    lines += ["", "| difference to IVON | preference loss | reward accuracy | reward margin |", "|---|---:|---:|---:|"]
-    for m in ("adamw", "ivon_pcm"):
-        r = report["methods"][m]
+    lines += ["", "Test preference loss per seed: " + "; ".join(
+        f"{m} " + ", ".join(f"{v:.3f}" for v in r["eval_loss"]["values"]) for m, r in report["methods"].items()) + ".",
+              "", "| difference to IVON | preference loss | reward accuracy | reward margin |", "|---|---:|---:|---:|"]
+    for m, r in report["methods"].items():
+        if m == "ivon":
+            continue
         lines.append(f"| {m} - ivon | {fmt_ci(r['eval_loss - ivon'])} | {fmt_ci(r['eval_rewards/accuracies - ivon'])} | "
                      f"{fmt_ci(r['eval_rewards/margins - ivon'])} |")
     lines += ["", "Validation preference loss against the learning rate (tuning seed):", "",
               "| method | " + " | ".join(["learning rate: loss"]) + " |", "|---|---|"]
     for m, r in report["methods"].items():
+        if r["lr_curve"] is None:
+            continue
         lines.append(f"| {m} | " + ", ".join(f"{float(k):g}: {v:.4f}" for k, v in r["lr_curve"].items()) + " |")
     lines += ["", "![validation loss against learning rate](lr_curves.png)", ""]
     return "\n".join(lines)
